@@ -1,0 +1,17 @@
+//! sluice's core: the pipeline stages as typed modules, and the traits that
+//! every side effect (git, targets, state store, clock) sits behind.
+//!
+//! source ──► snapshot ──► render ──► plan ──► rollout ──► record
+//!
+//! The pure stages (`model`, `render`, `plan`, `diff`) do no I/O; `engine`
+//! drives them over the traits in `source`, `target`, `store` and `clock`.
+#![forbid(unsafe_code)]
+
+pub mod diff;
+pub mod model;
+pub mod plan;
+pub mod render;
+pub mod resource;
+pub mod source;
+pub mod store;
+pub mod target;

@@ -1,0 +1,376 @@
+//! The record stage: what is applied where, and the history of every
+//! deployment, in a store that survives kill -9.
+//!
+//! # Guarantees (of [`FileStore`])
+//! - `state.json` is replaced atomically (temp file, fsync, rename, fsync of
+//!   the folder): after a crash it holds either the old or the new state,
+//!   never a torn one.
+//! - `history.jsonl` is append-only, one fsynced line per entry; a line torn
+//!   by a crash mid-write is skipped on read, earlier entries are intact.
+//! - One process at a time applies: [`FileStore::lock`] takes an exclusive
+//!   OS file lock that the kernel releases if the holder dies.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Inventory;
+use crate::source::{CommitId, Revision};
+
+/// A commit applied to a target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deployed {
+    pub commit: CommitId,
+    /// Digest of this target's share of the desired state.
+    pub digest: String,
+    /// Committer time of the commit (seconds since the epoch): lead time
+    /// is `at - commit_time`.
+    pub commit_time: i64,
+    pub summary: String,
+    pub at: DateTime<Utc>,
+}
+
+/// A commit that failed and is not retried until a newer one arrives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Failed {
+    pub commit: CommitId,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Everything the agent remembers about one target.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// What is live now, as far as sluice applied it.
+    pub applied: Option<Deployed>,
+    /// The newest commit that was applied completely and passed its gates.
+    pub last_good: Option<Deployed>,
+    /// Resources sluice created here (id → service): the only things it
+    /// ever prunes.
+    #[serde(with = "inventory_list")]
+    pub inventory: Inventory,
+    pub failed: Option<Failed>,
+    pub last_error: Option<String>,
+}
+
+/// Source health, for status and backoff.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub describe: String,
+    pub last_poll: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_seen: Option<Revision>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+}
+
+/// The agent's whole state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub source: SourceStatus,
+    pub targets: BTreeMap<String, TargetRecord>,
+    /// The last error of a reconcile that failed before reaching any target
+    /// (fetch, render, plan), with the commit it was about.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryKind {
+    Deploy,
+    Revert,
+    Heal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+}
+
+/// One deployment, revert or heal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub kind: HistoryKind,
+    pub outcome: Outcome,
+    pub commit: CommitId,
+    pub commit_time: i64,
+    pub summary: String,
+    pub digest: String,
+    pub targets: Vec<String>,
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state store {path}: corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("state store {path}: another sluice process is applying (lock held)")]
+    Locked { path: String },
+}
+
+/// Where state lives; behind a trait so the engine can be tested with an
+/// in-memory store and run with files.
+pub trait StateStore: Send + Sync {
+    fn load(&self) -> Result<AgentState, StoreError>;
+    fn save(&self, state: &AgentState) -> Result<(), StoreError>;
+    fn append(&self, entry: &HistoryEntry) -> Result<(), StoreError>;
+    fn history(&self) -> Result<Vec<HistoryEntry>, StoreError>;
+}
+
+/// Files under the agent's state dir.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// Held while applying; released on drop or when the process dies.
+#[derive(Debug)]
+pub struct ApplyLock {
+    _file: File,
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes the exclusive apply lock without waiting.
+    pub fn try_lock(&self) -> Result<ApplyLock, StoreError> {
+        let path = self.dir.join("apply.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| io(&path, source))?;
+        match file.try_lock() {
+            Ok(()) => Ok(ApplyLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+                path: path.display().to_string(),
+            }),
+            Err(fs::TryLockError::Error(source)) => Err(io(&path, source)),
+        }
+    }
+
+    /// Takes the exclusive apply lock, waiting for the holder (blocking).
+    pub fn lock(&self) -> Result<ApplyLock, StoreError> {
+        let path = self.dir.join("apply.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| io(&path, source))?;
+        file.lock().map_err(|source| io(&path, source))?;
+        Ok(ApplyLock { _file: file })
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<AgentState, StoreError> {
+        let path = self.dir.join("state.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+            Err(source) => Err(io(&path, source)),
+        }
+    }
+
+    fn save(&self, state: &AgentState) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StoreError::Corrupt {
+            path: "state.json".into(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir.join("state.json"), &bytes)
+    }
+
+    fn append(&self, entry: &HistoryEntry) -> Result<(), StoreError> {
+        let path = self.dir.join("history.jsonl");
+        let mut line = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| io(&path, source))?;
+        // A torn previous line (crash mid-append) must not swallow this one.
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > 0 && !ends_with_newline(&path) {
+            f.write_all(b"\n").map_err(|source| io(&path, source))?;
+        }
+        f.write_all(&line).map_err(|source| io(&path, source))?;
+        f.sync_all().map_err(|source| io(&path, source))
+    }
+
+    fn history(&self) -> Result<Vec<HistoryEntry>, StoreError> {
+        let path = self.dir.join("history.jsonl");
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(io(&path, source)),
+        };
+        let mut out = Vec::new();
+        for line in BufReader::new(f).lines() {
+            let line = line.map_err(|source| io(&path, source))?;
+            // Torn lines from a crash are skipped, not fatal.
+            if let Ok(entry) = serde_json::from_str(&line) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ends_with_newline(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return true;
+    };
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::End(-1)).is_ok() && f.read_exact(&mut b).is_ok() && b[0] == b'\n'
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new
+/// content: temp file in the same folder, fsync, rename, fsync the folder.
+/// Idempotent.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|source| io(path, source))
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// JSON maps need string keys: the inventory is stored as a list.
+mod inventory_list {
+    use super::*;
+    use crate::resource::ResourceId;
+
+    #[derive(Serialize, Deserialize)]
+    struct Item {
+        #[serde(flatten)]
+        id: ResourceId,
+        service: String,
+    }
+
+    pub fn serialize<S: serde::Serializer>(inv: &Inventory, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(inv.iter().map(|(id, service)| Item {
+            id: id.clone(),
+            service: service.clone(),
+        }))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Inventory, D::Error> {
+        let items: Vec<Item> = Vec::deserialize(d)?;
+        Ok(items.into_iter().map(|i| (i.id, i.service)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::ResourceId;
+
+    fn entry(n: i64) -> HistoryEntry {
+        HistoryEntry {
+            at: Utc::now(),
+            kind: HistoryKind::Deploy,
+            outcome: Outcome::Succeeded,
+            commit: CommitId::parse(&"c".repeat(40)).unwrap(),
+            commit_time: n,
+            summary: String::new(),
+            digest: String::new(),
+            targets: vec![],
+            created: 0,
+            updated: 0,
+            deleted: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_history_survives_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), AgentState::default());
+        let mut state = AgentState::default();
+        let rec = state.targets.entry("local".into()).or_default();
+        rec.inventory
+            .insert(ResourceId::new("local", "Process", "web"), "web".into());
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
+
+        store.append(&entry(1)).unwrap();
+        // A crash mid-append leaves half a line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("history.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"at\":\"2026").unwrap();
+        store.append(&entry(2)).unwrap();
+        let h = store.history().unwrap();
+        assert_eq!(
+            h.iter().map(|e| e.commit_time).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn only_one_holder_of_the_apply_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let held = store.try_lock().unwrap();
+        assert!(matches!(store.try_lock(), Err(StoreError::Locked { .. })));
+        drop(held);
+        store.try_lock().unwrap();
+    }
+}

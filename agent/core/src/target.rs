@@ -1,0 +1,71 @@
+//! Targets: where desired resources become live.
+//!
+//! The engine drives every target through this one trait, so waves, gates,
+//! reverts and drift work the same on hosts and on Kubernetes.
+
+use std::collections::BTreeMap;
+
+use crate::model::{TargetDef, TargetKind};
+use crate::resource::{DesiredResource, LiveResource, ResourceId};
+
+/// What failed on a target, classified by what the loop should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// The resource itself is wrong (bad spec, digest mismatch, a path
+    /// outside the file root): retrying the same commit cannot help.
+    #[error("{id}: {reason}")]
+    Invalid { id: String, reason: String },
+    /// Preparing (downloading, verifying) failed; nothing was applied.
+    #[error("preparing {id}: {reason}")]
+    Prepare { id: String, reason: String },
+    /// Applying failed part-way; the engine reverts.
+    #[error("applying {id}: {reason}")]
+    Apply { id: String, reason: String },
+    /// Deleting failed; the resource stays in the inventory.
+    #[error("deleting {id}: {reason}")]
+    Delete { id: String, reason: String },
+    /// Reading live state failed.
+    #[error("observing {target}: {reason}")]
+    Observe { target: String, reason: String },
+    /// The target is unreachable or busy; retry later.
+    #[error("target {target} unavailable: {reason}")]
+    Unavailable { target: String, reason: String },
+}
+
+/// One target. Implementations are idempotent: applying the same resource
+/// twice, or deleting an absent one, succeeds and changes nothing.
+#[async_trait::async_trait]
+pub trait Target: Send + Sync {
+    fn name(&self) -> &str;
+
+    fn kind(&self) -> TargetKind;
+
+    /// Live state of `ids` (the desired resources and the inventory). A
+    /// resource that is absent is simply missing from the map.
+    async fn observe(
+        &self,
+        ids: &[ResourceId],
+    ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError>;
+
+    /// Fetches and verifies everything `resources` need (artifacts, images)
+    /// before any of them is applied. Changes nothing live; an error here
+    /// means the commit is not applied at all.
+    async fn prepare(&self, resources: &[&DesiredResource]) -> Result<(), TargetError>;
+
+    /// Makes one resource live as desired. May return before the resource is
+    /// healthy: gates wait for health through [`Target::observe`].
+    async fn apply(&self, resource: &DesiredResource) -> Result<(), TargetError>;
+
+    /// Removes a resource that the inventory says sluice created.
+    async fn delete(&self, id: &ResourceId) -> Result<(), TargetError>;
+}
+
+/// Builds the live [`Target`] for a target named in `sluice.yaml`. The agent
+/// configures what each kind means on this machine (file roots, kubeconfig
+/// contexts); the repository only names targets and their rings.
+pub trait TargetProvider: Send + Sync {
+    fn target(&self, def: &TargetDef) -> Result<std::sync::Arc<dyn Target>, TargetError>;
+
+    /// Which target kinds this agent can drive (for a clear error).
+    fn supports(&self, kind: TargetKind) -> bool;
+}
