@@ -7,7 +7,9 @@
 //! drives them over the traits in `source`, `target`, `store` and `clock`.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod diff;
+pub mod engine;
 pub mod model;
 pub mod plan;
 pub mod render;

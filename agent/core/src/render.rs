@@ -839,7 +839,9 @@ fn yaml_error(
     };
     let reason = reason
         .split_once(": ")
-        .filter(|(head, _)| field.as_deref().is_some_and(|f| f.ends_with(head.trim())))
+        .filter(|(head, _)| {
+            field.as_deref().is_some_and(|f| f.starts_with(head.trim())) && !head.contains(' ')
+        })
         .map(|(_, tail)| tail.to_string())
         .unwrap_or(reason);
     RenderError::Invalid {
@@ -896,4 +898,299 @@ fn find_line(text: &str, keys: &[&str]) -> Option<usize> {
 
 fn join(names: &BTreeSet<&str>) -> String {
     names.iter().copied().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{CommitId, FileEntry, Revision};
+    use std::path::Path;
+
+    fn snapshot(files: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            revision: Revision {
+                commit: CommitId::parse(&"d".repeat(40)).unwrap(),
+                time: 0,
+                summary: "t".into(),
+            },
+            files: files
+                .iter()
+                .map(|(p, c)| {
+                    (
+                        p.to_string(),
+                        FileEntry::Blob {
+                            data: c.as_bytes().to_vec(),
+                            executable: false,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn from_dir(dir: &Path) -> Snapshot {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                    out.push((rel, std::fs::read_to_string(&p).unwrap()));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(dir, dir, &mut files);
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        snapshot(&refs)
+    }
+
+    const TOPO: &str = "apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: local\n    type: host\nservices:\n  api:\n    path: api\n";
+    const PROC: &str = "apiVersion: sluice.dev/v1\nkind: Process\nmetadata:\n  name: api\nspec:\n  command: sluice-demo\n  version: \"1\"\n";
+
+    fn err(files: &[(&str, &str)]) -> String {
+        render(&snapshot(files)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_host_example_renders_in_dependency_waves() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/host-shop");
+        let r = render(&from_dir(&dir)).unwrap();
+        let kinds: Vec<String> = r
+            .desired
+            .resources
+            .keys()
+            .map(|id| format!("{}/{}", id.kind, id.name))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "File/orders-config",
+                "Process/catalog",
+                "Process/orders",
+                "Process/web",
+                "Route/catalog",
+                "Route/orders",
+                "Route/web"
+            ]
+        );
+        let file = &r.desired.resources[&ResourceId::new("local", "File", "orders-config")];
+        assert!(file.body["spec"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("EUR"));
+        assert!(r.desired.digest.starts_with("sha256:"));
+        let p = crate::plan::plan(
+            &r.topology,
+            &r.desired,
+            &BTreeMap::new(),
+            &Default::default(),
+        )
+        .unwrap();
+        let order: Vec<_> = p.waves.iter().map(|w| w.services.join(",")).collect();
+        assert_eq!(order, ["catalog", "orders", "web"]);
+    }
+
+    #[test]
+    fn unknown_field_names_file_field_and_line() {
+        let bad = PROC.replace("command:", "comand:");
+        let e = err(&[("sluice.yaml", TOPO), ("api/p.yaml", &bad)]);
+        assert!(e.starts_with("api/p.yaml:6: field `spec"), "{e}");
+        assert!(e.contains("unknown field `comand`"), "{e}");
+        let e = err(&[
+            (
+                "sluice.yaml",
+                &TOPO.replace("    path: api", "    path: api\n    dependson: [x]"),
+            ),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(
+            e.starts_with(
+                "sluice.yaml:9: field `services.api.dependson`: unknown field `dependson`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_names_the_line_of_its_document() {
+        let two = format!(
+            "{PROC}---\n{}",
+            PROC.replace("name: api", "name: api2")
+                .replace("version: \"1\"", "version: [1")
+        );
+        let e = err(&[("sluice.yaml", TOPO), ("api/p.yaml", &two)]);
+        assert!(e.starts_with("api/p.yaml:1"), "{e}");
+    }
+
+    #[test]
+    fn missing_path_unknown_dependency_unknown_target_and_cycles_are_named() {
+        let e = err(&[
+            ("sluice.yaml", &TOPO.replace("path: api", "path: nope")),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(
+            e.contains("services.api.path") && e.contains("\"nope\" not found"),
+            "{e}"
+        );
+        let e = err(&[
+            (
+                "sluice.yaml",
+                &TOPO.replace("path: api", "path: api\n    dependsOn: [payments]"),
+            ),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(
+            e.contains("services.api.dependsOn") && e.contains("unknown service \"payments\""),
+            "{e}"
+        );
+        let e = err(&[
+            (
+                "sluice.yaml",
+                &TOPO.replace("path: api", "path: api\n    targets: [prod]"),
+            ),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(e.contains("unknown target \"prod\""), "{e}");
+        let cyc = format!("{TOPO}    dependsOn: [b]\n  b:\n    path: api\n    dependsOn: [api]\n");
+        let e = err(&[("sluice.yaml", &cyc), ("api/p.yaml", PROC)]);
+        assert!(e.contains("cycle: api → b → api"), "{e}");
+    }
+
+    #[test]
+    fn billion_laughs_is_refused_quickly() {
+        let mut doc = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for i in 1..9 {
+            let prev = (b'a' + i - 1) as char;
+            let cur = (b'a' + i) as char;
+            doc.push_str(&format!("{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+        }
+        let bomb = format!("{PROC}  env:\n    X: *i\n{doc}");
+        let started = std::time::Instant::now();
+        let e = err(&[
+            ("sluice.yaml", TOPO),
+            ("api/p.yaml", &format!("{doc}---\n{bomb}")),
+        ]);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(e.contains("api/p.yaml"), "{e}");
+        let e = err(&[
+            ("sluice.yaml", &format!("{TOPO}{doc}")),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(e.contains("sluice.yaml"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let e = err(&[
+            ("sluice.yaml", TOPO),
+            ("api/p.yaml", &format!("{PROC}  args: {deep}\n")),
+        ]);
+        assert!(e.contains("api/p.yaml") && e.contains("recursion"), "{e}");
+    }
+
+    #[test]
+    fn files_outside_the_service_folder_are_refused_without_leaking() {
+        let mut s = snapshot(&[
+            ("sluice.yaml", &TOPO.replace("path: api", "path: api\n  other:\n    path: other")),
+            ("api/p.yaml", PROC),
+            ("other/p.yaml", &PROC.replace("name: api", "name: other")),
+            ("other/secret.txt", "TOP-SECRET"),
+            ("api/f.yaml", "apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: f\nspec:\n  path: f\n  source: ../other/secret.txt\n"),
+        ]);
+        let e = render(&s).unwrap_err().to_string();
+        assert!(e.contains("api/f.yaml") && !e.contains("TOP-SECRET"), "{e}");
+        s.files.insert("api/f.yaml".into(), FileEntry::Blob {
+            data: b"apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: f\nspec:\n  path: f\n  source: link\n".to_vec(),
+            executable: false,
+        });
+        s.files.insert(
+            "api/link".into(),
+            FileEntry::Symlink {
+                target: "../other/secret.txt".into(),
+            },
+        );
+        let e = render(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("symbolic link points outside") && !e.contains("TOP-SECRET"),
+            "{e}"
+        );
+        s.files.insert(
+            "api/link".into(),
+            FileEntry::Symlink {
+                target: "/etc/passwd".into(),
+            },
+        );
+        let e = render(&s).unwrap_err().to_string();
+        assert!(e.contains("symbolic link") && !e.contains("root:"), "{e}");
+        let e = err(&[
+            ("sluice.yaml", &TOPO.replace("path: api", "path: ../api")),
+            ("api/p.yaml", PROC),
+        ]);
+        assert!(e.contains("services.api.path"), "{e}");
+    }
+
+    #[test]
+    fn values_are_not_echoed_in_errors() {
+        let bad = PROC.replace(
+            "version: \"1\"",
+            "version: \"1\"\n  port: \"hunter2-secret\"",
+        );
+        let e = err(&[("sluice.yaml", TOPO), ("api/p.yaml", &bad)]);
+        assert!(e.contains("spec.port") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn empty_render_and_duplicates_are_refused() {
+        let e = err(&[("sluice.yaml", TOPO), ("api/README.md", "x")]);
+        assert!(e.contains("holds no manifests"), "{e}");
+        let e = err(&[
+            ("sluice.yaml", TOPO),
+            ("api/a.yaml", PROC),
+            ("api/b.yaml", PROC),
+        ]);
+        assert!(e.contains("also declared in api/a.yaml"), "{e}");
+    }
+
+    #[test]
+    fn path_artifacts_are_verified_at_render() {
+        let art = |sha: &str| {
+            format!(
+                "{PROC}  artifacts:\n    - name: bin\n      path: tool.sh\n      sha256: {sha}\n"
+            )
+        };
+        let good = hex::encode(Sha256::digest(b"echo hi\n"));
+        let r = render(&snapshot(&[
+            ("sluice.yaml", TOPO),
+            ("api/p.yaml", &art(&good)),
+            ("api/tool.sh", "echo hi\n"),
+        ]))
+        .unwrap();
+        let res = r.desired.resources.values().next().unwrap();
+        assert_eq!(res.blobs.keys().next().unwrap(), &good);
+        let e = err(&[
+            ("sluice.yaml", TOPO),
+            ("api/p.yaml", &art(&"0".repeat(64))),
+            ("api/tool.sh", "echo hi\n"),
+        ]);
+        assert!(e.contains("digest mismatch"), "{e}");
+    }
+
+    #[test]
+    fn secret_env_and_files_are_marked_for_redaction() {
+        let p = PROC.replace(
+            "version: \"1\"",
+            "version: \"1\"\n  env:\n    DB_PASSWORD: x\n    LOG: y",
+        );
+        let r = render(&snapshot(&[("sluice.yaml", TOPO), ("api/p.yaml", &p)])).unwrap();
+        let res = r.desired.resources.values().next().unwrap();
+        assert_eq!(res.redact, vec!["spec.env.DB_PASSWORD".to_string()]);
+    }
 }

@@ -146,7 +146,7 @@ impl Snapshot {
                 Some(FileEntry::Symlink { target }) => {
                     let dir = current.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
                     let next = if target.starts_with('/') {
-                        Err(())
+                        Err(OutsideRoot)
                     } else {
                         normalise(target, dir)
                     };
@@ -212,18 +212,22 @@ impl Snapshot {
     }
 }
 
+/// A path that climbs above the snapshot's root or is absolute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutsideRoot;
+
 /// Joins `path` onto `base` and folds `.` and `..`; fails when `..` would
 /// climb above the snapshot's root or the path is absolute.
-pub fn normalise(path: &str, base: &str) -> Result<String, ()> {
+pub fn normalise(path: &str, base: &str) -> Result<String, OutsideRoot> {
     if path.starts_with('/') || path.contains('\0') || path.contains('\\') {
-        return Err(());
+        return Err(OutsideRoot);
     }
     let mut parts: Vec<&str> = base.split('/').filter(|p| !p.is_empty()).collect();
     for part in path.split('/') {
         match part {
             "" | "." => {}
             ".." => {
-                parts.pop().ok_or(())?;
+                parts.pop().ok_or(OutsideRoot)?;
             }
             p => parts.push(p),
         }

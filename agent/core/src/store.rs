@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::model::TargetKind;
 use crate::plan::Inventory;
 use crate::source::{CommitId, Revision};
 
@@ -45,6 +46,9 @@ pub struct Failed {
 /// Everything the agent remembers about one target.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TargetRecord {
+    /// The kind of target, so status can reach it without a commit.
+    #[serde(default)]
+    pub kind: Option<TargetKind>,
     /// What is live now, as far as sluice applied it.
     pub applied: Option<Deployed>,
     /// The newest commit that was applied completely and passed its gates.
@@ -55,6 +59,22 @@ pub struct TargetRecord {
     pub inventory: Inventory,
     pub failed: Option<Failed>,
     pub last_error: Option<String>,
+}
+
+/// A rollout or revert under way, persisted before its first change so a
+/// restarted agent knows it must finish or undo it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InProgress {
+    pub kind: HistoryKind,
+    pub commit: CommitId,
+    pub targets: Vec<String>,
+    /// Index of the wave being applied or gated.
+    pub wave: usize,
+    pub waves: usize,
+    /// What the rollout is waiting for, for status ("gate: health").
+    pub step: String,
+    pub started: DateTime<Utc>,
+    pub step_started: DateTime<Utc>,
 }
 
 /// Source health, for status and backoff.
@@ -76,6 +96,8 @@ pub struct AgentState {
     /// The last error of a reconcile that failed before reaching any target
     /// (fetch, render, plan), with the commit it was about.
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub in_progress: Option<InProgress>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +132,21 @@ pub struct HistoryEntry {
     pub duration_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why a rollout was stopped: which gate, what it measured, against
+    /// which threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+}
+
+/// The record of a gate's verdict that aborted a rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub at: DateTime<Utc>,
+    pub wave: usize,
+    pub gate: String,
+    pub resource: Option<String>,
+    pub measurement: String,
+    pub threshold: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +159,7 @@ pub enum StoreError {
     },
     #[error("state store {path}: corrupt: {reason}")]
     Corrupt { path: String, reason: String },
-    #[error("state store {path}: another sluice process is applying (lock held)")]
+    #[error("state store {path}: held by another sluice process")]
     Locked { path: String },
 }
 
@@ -161,13 +198,13 @@ impl FileStore {
 
     /// Takes the exclusive apply lock without waiting.
     pub fn try_lock(&self) -> Result<ApplyLock, StoreError> {
-        let path = self.dir.join("apply.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| io(&path, source))?;
+        self.try_lock_named("apply.lock")
+    }
+
+    /// Takes an exclusive lock file of the state dir without waiting
+    /// (`run.lock` keeps a second `sluice run` away).
+    pub fn try_lock_named(&self, name: &str) -> Result<ApplyLock, StoreError> {
+        let (file, path) = self.lock_file(name)?;
         match file.try_lock() {
             Ok(()) => Ok(ApplyLock { _file: file }),
             Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
@@ -179,15 +216,20 @@ impl FileStore {
 
     /// Takes the exclusive apply lock, waiting for the holder (blocking).
     pub fn lock(&self) -> Result<ApplyLock, StoreError> {
-        let path = self.dir.join("apply.lock");
+        let (file, path) = self.lock_file("apply.lock")?;
+        file.lock().map_err(|source| io(&path, source))?;
+        Ok(ApplyLock { _file: file })
+    }
+
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), StoreError> {
+        let path = self.dir.join(name);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(|source| io(&path, source))?;
-        file.lock().map_err(|source| io(&path, source))?;
-        Ok(ApplyLock { _file: file })
+        Ok((file, path))
     }
 }
 
@@ -334,6 +376,7 @@ mod tests {
             deleted: 0,
             duration_ms: 0,
             error: None,
+            decision: None,
         }
     }
 

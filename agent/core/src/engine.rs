@@ -1,0 +1,1218 @@
+//! The engine: drives source → render → plan → rollout → record over the
+//! traits of this crate.
+//!
+//! # Guarantees
+//! - Nothing is applied from a commit that failed to fetch, read, render or
+//!   prepare (safety invariant 1): every target call that changes anything
+//!   comes after [`Engine::prepare`] succeeded for the whole commit.
+//! - Only the inventory is pruned, and a failed render prunes nothing
+//!   (invariant 2): pruning is part of a plan, and a plan needs a render.
+//! - Progress is persisted before each wave ([`InProgress`]); a restarted
+//!   agent finishes an interrupted revert, and re-runs an interrupted
+//!   rollout (applies are idempotent, so finished waves are no-ops) so the
+//!   live state converges to one whole commit.
+//! - A commit whose rollout failed is recorded and not retried until a newer
+//!   commit arrives, unless asked explicitly (`retry`).
+//!
+//! # Caveats
+//! Gates wait inside a rollout (polling health through the [`Clock`]); the
+//! loop in `sluice run` calls [`Engine::reconcile`] and decides when to run
+//! the next one from the returned value or error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::clock::Clock;
+use crate::model::{TargetDef, TargetKind, Topology};
+use crate::plan::{plan, Action, Inventory, Plan};
+use crate::render::{render, RenderError, Rendered};
+use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
+use crate::source::{CommitId, Limits, Revision, Source, SourceError};
+use crate::store::{
+    AgentState, Decision, Deployed, Failed, HistoryEntry, HistoryKind, InProgress, Outcome,
+    StateStore, StoreError, TargetRecord,
+};
+use crate::target::{Target, TargetError, TargetProvider};
+
+/// What went wrong in one reconcile, by the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("commit {commit}: {source}")]
+    Render {
+        commit: String,
+        #[source]
+        source: RenderError,
+    },
+    #[error("target {target} (type {kind}) is not supported by this agent")]
+    Unsupported { target: String, kind: TargetKind },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("gate after wave {wave} failed: {reason}")]
+    Gate { wave: usize, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    /// Errors a person must fix in the repository or the configuration
+    /// (exit code 2), as opposed to a failed or reverted rollout (1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            EngineError::Render { .. } | EngineError::Unsupported { .. } => true,
+            EngineError::Source(e) => matches!(
+                e,
+                SourceError::InvalidUrl { .. }
+                    | SourceError::Credentials { .. }
+                    | SourceError::PathNotFound { .. }
+                    | SourceError::TooLarge { .. }
+                    | SourceError::RefNotFound { .. }
+            ),
+            EngineError::Target(TargetError::Invalid { .. } | TargetError::Prepare { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What a reconcile did.
+#[derive(Debug)]
+pub enum Reconciled {
+    /// Live already matches the commit.
+    UpToDate { revision: Revision },
+    /// The commit rolled out through every wave and gate.
+    Applied { plan: Plan, duration: Duration },
+    /// The commit failed before and is not retried until a newer one.
+    SkippedFailed { revision: Revision, reason: String },
+    /// The rollout failed and the touched targets were put back.
+    Reverted {
+        plan: Plan,
+        error: String,
+        reverted_to: Option<CommitId>,
+    },
+}
+
+/// Options of one apply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyOptions {
+    /// Apply a commit that failed before (recorded in the history).
+    pub retry: bool,
+}
+
+/// A commit rendered, observed and planned: everything needed to apply it,
+/// computed before anything changes.
+pub struct Prepared {
+    pub rendered: Rendered,
+    pub targets: BTreeMap<String, Arc<dyn Target>>,
+    pub live: BTreeMap<ResourceId, LiveResource>,
+    pub inventory: Inventory,
+    pub plan: Plan,
+}
+
+/// Per target and resource, what `sluice status` shows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub state: AgentState,
+    pub resources: BTreeMap<String, Vec<ResourceStatus>>,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ResourceStatus {
+    pub id: ResourceId,
+    pub service: String,
+    pub health: Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+pub struct Engine {
+    pub source: Arc<dyn Source>,
+    pub targets: Arc<dyn TargetProvider>,
+    pub store: Arc<dyn StateStore>,
+    pub clock: Arc<dyn Clock>,
+    pub limits: Limits,
+    /// How often gates look at health.
+    pub gate_poll: Duration,
+}
+
+impl Engine {
+    /// Polls the source and brings every target to the head commit.
+    pub async fn reconcile(&self, opts: ApplyOptions) -> Result<Reconciled, EngineError> {
+        self.finish_interrupted().await?;
+        let revision = self.poll().await?;
+        self.apply(revision, opts).await
+    }
+
+    /// Polls the source, recording the outcome for status and backoff.
+    pub async fn poll(&self) -> Result<Revision, EngineError> {
+        let result = self.source.poll().await;
+        let mut state = self.store.load()?;
+        state.source.describe = self.source.describe();
+        state.source.last_poll = Some(self.clock.now());
+        match &result {
+            Ok(rev) => {
+                state.source.last_success = state.source.last_poll;
+                state.source.last_seen = Some(rev.clone());
+                state.source.last_error = None;
+                state.source.consecutive_failures = 0;
+            }
+            Err(e) => {
+                state.source.last_error = Some(e.to_string());
+                state.source.consecutive_failures += 1;
+            }
+        }
+        self.store.save(&state)?;
+        Ok(result?)
+    }
+
+    /// Renders, observes and plans `revision` without changing anything.
+    pub async fn prepare(&self, revision: &Revision) -> Result<Prepared, EngineError> {
+        let snapshot = self.source.snapshot(&revision.commit, &self.limits).await?;
+        let rendered = render(&snapshot).map_err(|source| EngineError::Render {
+            commit: revision.commit.to_string(),
+            source,
+        })?;
+        let state = self.store.load()?;
+        self.prepare_rendered(rendered, &state, None).await
+    }
+
+    async fn prepare_rendered(
+        &self,
+        mut rendered: Rendered,
+        state: &AgentState,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<Prepared, EngineError> {
+        if let Some(only) = only {
+            rendered
+                .desired
+                .resources
+                .retain(|id, _| only.contains(&id.target));
+        }
+        let mut targets = BTreeMap::new();
+        for def in &rendered.topology.targets {
+            if only.is_some_and(|o| !o.contains(&def.name)) {
+                continue;
+            }
+            targets.insert(def.name.clone(), self.target(def)?);
+        }
+        let mut inventory = Inventory::new();
+        let mut live = BTreeMap::new();
+        for (name, target) in &targets {
+            let record = state.targets.get(name);
+            let mut ids: BTreeSet<ResourceId> = rendered
+                .desired
+                .for_target(name)
+                .map(|r| r.id.clone())
+                .collect();
+            if let Some(record) = record {
+                ids.extend(record.inventory.keys().cloned());
+                inventory.extend(record.inventory.clone());
+            }
+            let ids: Vec<_> = ids.into_iter().collect();
+            live.extend(target.observe(&ids).await?);
+        }
+        let plan =
+            plan(&rendered.topology, &rendered.desired, &live, &inventory).map_err(|source| {
+                EngineError::Render {
+                    commit: rendered.desired.revision.commit.to_string(),
+                    source,
+                }
+            })?;
+        Ok(Prepared {
+            rendered,
+            targets,
+            live,
+            inventory,
+            plan,
+        })
+    }
+
+    fn target(&self, def: &TargetDef) -> Result<Arc<dyn Target>, EngineError> {
+        if !self.targets.supports(def.kind) {
+            return Err(EngineError::Unsupported {
+                target: def.name.clone(),
+                kind: def.kind,
+            });
+        }
+        Ok(self.targets.target(def)?)
+    }
+
+    /// Brings every target to `revision`: plan, waves with gates, record;
+    /// on a failed wave or gate, reverts the touched targets to their last
+    /// good commit.
+    pub async fn apply(
+        &self,
+        revision: Revision,
+        opts: ApplyOptions,
+    ) -> Result<Reconciled, EngineError> {
+        let state = self.store.load()?;
+        if !opts.retry {
+            if let Some(failed) = state
+                .targets
+                .values()
+                .filter_map(|t| t.failed.as_ref())
+                .find(|f| f.commit == revision.commit)
+            {
+                return Ok(Reconciled::SkippedFailed {
+                    revision,
+                    reason: failed.reason.clone(),
+                });
+            }
+        }
+        let prepared = match self.prepare(&revision).await {
+            Ok(p) => p,
+            Err(e) => {
+                let mut state = self.store.load()?;
+                state.last_error = Some(e.to_string());
+                self.store.save(&state)?;
+                return Err(e);
+            }
+        };
+        let up_to_date = prepared.targets.keys().all(|t| {
+            state
+                .targets
+                .get(t)
+                .and_then(|r| r.applied.as_ref())
+                .is_some_and(|a| a.commit == revision.commit)
+        });
+        if prepared.plan.is_empty() {
+            // Nothing live changes (e.g. only a README changed): remember the
+            // commit as applied without calling it a deployment.
+            let mut state = self.store.load()?;
+            state.last_error = None;
+            for (name, target) in &prepared.targets {
+                let rec = state.targets.entry(name.clone()).or_default();
+                rec.kind = Some(target.kind());
+                let deployed = self.deployed(&prepared, name);
+                rec.applied = Some(deployed.clone());
+                rec.last_good = Some(deployed);
+                rec.failed = None;
+                rec.last_error = None;
+            }
+            self.store.save(&state)?;
+            self.keep(&revision.commit).await;
+            if !up_to_date {
+                info!(commit = %revision.commit, "commit changes nothing live");
+            }
+            return Ok(Reconciled::UpToDate { revision });
+        }
+        let kind = HistoryKind::Deploy;
+        self.run(prepared, kind, opts).await
+    }
+
+    /// Applies a prepared plan wave by wave; on failure reverts.
+    async fn run(
+        &self,
+        prepared: Prepared,
+        kind: HistoryKind,
+        opts: ApplyOptions,
+    ) -> Result<Reconciled, EngineError> {
+        let started = Instant::now();
+        let revision = prepared.plan.revision.clone();
+        let touched: Vec<String> = prepared
+            .plan
+            .changes()
+            .map(|c| c.id.target.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        info!(commit = %revision.commit, waves = prepared.plan.waves.len(), ?kind, retry = opts.retry, "rollout starting");
+        self.mark(|s| {
+            s.in_progress = Some(InProgress {
+                kind,
+                commit: revision.commit.clone(),
+                targets: touched.clone(),
+                wave: 0,
+                waves: prepared.plan.waves.len(),
+                step: "prepare".into(),
+                started: self.clock.now(),
+                step_started: self.clock.now(),
+            })
+        })?;
+        let result = self.rollout(&prepared, kind == HistoryKind::Deploy).await;
+        let duration = started.elapsed();
+        let (created, updated, deleted) = counts(&prepared.plan);
+        let mut entry = HistoryEntry {
+            at: self.clock.now(),
+            kind,
+            outcome: Outcome::Succeeded,
+            commit: revision.commit.clone(),
+            commit_time: revision.time,
+            summary: revision.summary.clone(),
+            digest: prepared.plan.digest.clone(),
+            targets: touched.clone(),
+            created,
+            updated,
+            deleted,
+            duration_ms: duration.as_millis() as u64,
+            error: None,
+            decision: None,
+        };
+        match result {
+            Ok(()) => {
+                let mut state = self.store.load()?;
+                for (name, target) in &prepared.targets {
+                    let rec = state.targets.entry(name.clone()).or_default();
+                    rec.kind = Some(target.kind());
+                    let deployed = self.deployed(&prepared, name);
+                    rec.applied = Some(deployed.clone());
+                    rec.last_good = Some(deployed);
+                    rec.failed = None;
+                    rec.last_error = None;
+                }
+                state.in_progress = None;
+                state.last_error = None;
+                self.store.save(&state)?;
+                self.store.append(&entry)?;
+                self.keep(&revision.commit).await;
+                info!(commit = %revision.commit, ms = duration.as_millis() as u64, "rollout succeeded");
+                Ok(Reconciled::Applied {
+                    plan: prepared.plan,
+                    duration,
+                })
+            }
+            Err((error, decision)) => {
+                let reason = error.to_string();
+                warn!(commit = %revision.commit, error = %reason, "rollout failed; reverting");
+                entry.outcome = Outcome::Failed;
+                entry.error = Some(reason.clone());
+                entry.decision = decision;
+                let mut state = self.store.load()?;
+                for name in &touched {
+                    let rec = state.targets.entry(name.clone()).or_default();
+                    if kind == HistoryKind::Deploy {
+                        rec.failed = Some(Failed {
+                            commit: revision.commit.clone(),
+                            reason: reason.clone(),
+                            at: self.clock.now(),
+                        });
+                    }
+                    rec.last_error = Some(reason.clone());
+                }
+                self.store.save(&state)?;
+                self.store.append(&entry)?;
+                let reverted_to = if kind == HistoryKind::Deploy {
+                    self.revert_targets(&touched, None).await?
+                } else {
+                    self.mark(|s| s.in_progress = None)?;
+                    None
+                };
+                Ok(Reconciled::Reverted {
+                    plan: prepared.plan,
+                    error: reason,
+                    reverted_to,
+                })
+            }
+        }
+    }
+
+    /// Applies every wave in order, each followed by its gate. Inventory is
+    /// saved after every wave so a crash never loses what was created.
+    async fn rollout(
+        &self,
+        prepared: &Prepared,
+        gated: bool,
+    ) -> Result<(), (EngineError, Option<Decision>)> {
+        // Prepare (download, verify) everything before the first change.
+        for (name, target) in &prepared.targets {
+            let wanted: Vec<&DesiredResource> = prepared
+                .plan
+                .changes()
+                .filter(|c| &c.id.target == name && c.action != Action::Delete)
+                .filter_map(|c| prepared.rendered.desired.resources.get(&c.id))
+                .collect();
+            if !wanted.is_empty() {
+                target
+                    .prepare(&wanted)
+                    .await
+                    .map_err(|e| (e.into(), None))?;
+            }
+        }
+        for wave in &prepared.plan.waves {
+            let step = format!(
+                "apply wave {}/{}",
+                wave.index + 1,
+                prepared.plan.waves.len()
+            );
+            self.progress(wave.index, &step).map_err(|e| (e, None))?;
+            info!(wave = wave.index + 1, services = ?wave.services, ring = wave.ring, "applying wave");
+            let mut applied = Vec::new();
+            let mut wave_result = Ok(());
+            for change in &wave.changes {
+                let Some(target) = prepared.targets.get(&change.id.target) else {
+                    continue;
+                };
+                let result = match change.action {
+                    Action::Create | Action::Update => {
+                        match prepared.rendered.desired.resources.get(&change.id) {
+                            Some(r) => target.apply(r).await.map(|()| {
+                                applied.push(change.id.clone());
+                            }),
+                            None => Ok(()),
+                        }
+                    }
+                    Action::Delete => target.delete(&change.id).await,
+                    Action::Unchanged => Ok(()),
+                };
+                // Inventory first: whatever was created is recorded even if
+                // a later change of the wave fails.
+                self.record_inventory(
+                    prepared,
+                    change.action,
+                    &change.id,
+                    &change.service,
+                    result.is_ok(),
+                )
+                .map_err(|e| (e, None))?;
+                if let Err(e) = result {
+                    wave_result = Err(e);
+                    break;
+                }
+            }
+            wave_result.map_err(|e| (e.into(), None))?;
+            if gated && !applied.is_empty() {
+                self.gate(prepared, wave.index, &wave.services, &applied)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every resource the wave applied is healthy, then keeps
+    /// watching for the soak time. Fails on timeout or on a resource that
+    /// turns unhealthy while soaking.
+    async fn gate(
+        &self,
+        prepared: &Prepared,
+        wave: usize,
+        services: &[String],
+        ids: &[ResourceId],
+    ) -> Result<(), (EngineError, Option<Decision>)> {
+        let topo = &prepared.rendered.topology;
+        let (timeout, soak) = gate_times(topo, services);
+        let step = format!(
+            "gate wave {}: health (timeout {}s, soak {}s)",
+            wave + 1,
+            timeout.as_secs(),
+            soak.as_secs()
+        );
+        self.progress(wave, &step).map_err(|e| (e, None))?;
+        let started = Instant::now();
+        let mut healthy_since: Option<Instant> = None;
+        loop {
+            let worst = self.worst_health(prepared, ids).await;
+            let now = Instant::now();
+            match worst {
+                None => {
+                    let since = *healthy_since.get_or_insert(now);
+                    if now.duration_since(since) >= soak {
+                        return Ok(());
+                    }
+                }
+                Some((id, health, message)) => {
+                    let soaking = healthy_since.is_some();
+                    if soaking || now.duration_since(started) >= timeout {
+                        let (what, threshold) = if soaking {
+                            (
+                                "turned unhealthy while soaking",
+                                format!("healthy for {}s", soak.as_secs()),
+                            )
+                        } else {
+                            (
+                                "not healthy in time",
+                                format!("healthy within {}s", timeout.as_secs()),
+                            )
+                        };
+                        let measurement = format!(
+                            "{id} is {health}{}",
+                            message.map(|m| format!(" ({m})")).unwrap_or_default()
+                        );
+                        let decision = Decision {
+                            at: self.clock.now(),
+                            wave,
+                            gate: "health".into(),
+                            resource: Some(id.to_string()),
+                            measurement: measurement.clone(),
+                            threshold: threshold.clone(),
+                        };
+                        return Err((
+                            EngineError::Gate {
+                                wave: wave + 1,
+                                reason: format!("{measurement}: {what} (threshold: {threshold})"),
+                            },
+                            Some(decision),
+                        ));
+                    }
+                }
+            }
+            self.clock.sleep(self.gate_poll).await;
+        }
+    }
+
+    /// The least healthy of `ids`, or None when all are healthy.
+    async fn worst_health(
+        &self,
+        prepared: &Prepared,
+        ids: &[ResourceId],
+    ) -> Option<(ResourceId, Health, Option<String>)> {
+        let mut by_target: BTreeMap<&str, Vec<ResourceId>> = BTreeMap::new();
+        for id in ids {
+            by_target.entry(&id.target).or_default().push(id.clone());
+        }
+        let mut worst: Option<(ResourceId, Health, Option<String>)> = None;
+        for (name, ids) in by_target {
+            let Some(target) = prepared.targets.get(name) else {
+                continue;
+            };
+            let live = match target.observe(&ids).await {
+                Ok(l) => l,
+                Err(e) => return Some((ids[0].clone(), Health::Unknown, Some(e.to_string()))),
+            };
+            for id in ids {
+                let (health, message) = match live.get(&id) {
+                    Some(l) => (l.health, l.message.clone()),
+                    None => (Health::Missing, None),
+                };
+                if health != Health::Healthy && worst.as_ref().is_none_or(|w| health > w.1) {
+                    worst = Some((id, health, message));
+                }
+            }
+        }
+        worst
+    }
+
+    /// Puts `targets` back to their last good commit (or `to`), in reverse
+    /// wave order, without gates or soak: a revert must be fast. Works with
+    /// the remote down: the commit is read from the local object database.
+    pub async fn revert_targets(
+        &self,
+        targets: &[String],
+        to: Option<&CommitId>,
+    ) -> Result<Option<CommitId>, EngineError> {
+        let state = self.store.load()?;
+        let commit = match to {
+            Some(c) => c.clone(),
+            None => {
+                let goods: BTreeSet<CommitId> = targets
+                    .iter()
+                    .filter_map(|t| state.targets.get(t)?.last_good.as_ref())
+                    .map(|d| d.commit.clone())
+                    .collect();
+                match goods.into_iter().next() {
+                    Some(c) => c,
+                    None => {
+                        warn!(
+                            ?targets,
+                            "no last good commit to revert to; leaving live state as it is"
+                        );
+                        self.mark(|s| s.in_progress = None)?;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let revision = self.source.resolve(commit.as_str()).await?;
+        let snapshot = self.source.snapshot(&commit, &self.limits).await?;
+        let rendered = render(&snapshot).map_err(|source| EngineError::Render {
+            commit: commit.to_string(),
+            source,
+        })?;
+        let only: BTreeSet<String> = targets.iter().cloned().collect();
+        let state = self.store.load()?;
+        let mut prepared = self.prepare_rendered(rendered, &state, Some(&only)).await?;
+        prepared.plan.waves.reverse();
+        info!(commit = %commit, waves = prepared.plan.waves.len(), "reverting");
+        let started = Instant::now();
+        self.mark(|s| {
+            s.in_progress = Some(InProgress {
+                kind: HistoryKind::Revert,
+                commit: commit.clone(),
+                targets: targets.to_vec(),
+                wave: 0,
+                waves: prepared.plan.waves.len(),
+                step: "revert".into(),
+                started: self.clock.now(),
+                step_started: self.clock.now(),
+            })
+        })?;
+        let result = self.rollout(&prepared, false).await;
+        let (created, updated, deleted) = counts(&prepared.plan);
+        let mut state = self.store.load()?;
+        let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        for name in prepared.targets.keys() {
+            let rec = state.targets.entry(name.clone()).or_default();
+            if error.is_none() {
+                let deployed = self.deployed(&prepared, name);
+                rec.applied = Some(deployed.clone());
+                rec.last_good = Some(deployed);
+            }
+        }
+        state.in_progress = None;
+        self.store.save(&state)?;
+        self.store.append(&HistoryEntry {
+            at: self.clock.now(),
+            kind: HistoryKind::Revert,
+            outcome: if error.is_none() {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+            commit: commit.clone(),
+            commit_time: revision.time,
+            summary: revision.summary.clone(),
+            digest: prepared.plan.digest.clone(),
+            targets: targets.to_vec(),
+            created,
+            updated,
+            deleted,
+            duration_ms: started.elapsed().as_millis() as u64,
+            error: error.clone(),
+            decision: None,
+        })?;
+        match result {
+            Ok(()) => {
+                info!(commit = %commit, ms = started.elapsed().as_millis() as u64, "revert done");
+                Ok(Some(commit))
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// `sluice revert`: puts every target back to its last good commit (or
+    /// `to`), and holds the commit that was live so the loop does not roll
+    /// it out again; a newer commit rolls forward as usual.
+    pub async fn revert_by_hand(
+        &self,
+        to: Option<&CommitId>,
+    ) -> Result<Option<CommitId>, EngineError> {
+        let state = self.store.load()?;
+        let targets: Vec<String> = state.targets.keys().cloned().collect();
+        let now = self.clock.now();
+        self.mark(|s| {
+            for rec in s.targets.values_mut() {
+                let Some(applied) = &rec.applied else {
+                    continue;
+                };
+                let target_commit = to.or(rec.last_good.as_ref().map(|d| &d.commit));
+                if Some(&applied.commit) != target_commit {
+                    rec.failed = Some(Failed {
+                        commit: applied.commit.clone(),
+                        reason: format!(
+                            "reverted by hand to {}",
+                            target_commit
+                                .map(|c| c.short().to_string())
+                                .unwrap_or_default()
+                        ),
+                        at: now,
+                    });
+                }
+            }
+        })?;
+        self.revert_targets(&targets, to).await
+    }
+
+    /// After a crash: an interrupted revert is finished; an interrupted
+    /// rollout is left to the next apply, which re-runs it idempotently.
+    pub async fn finish_interrupted(&self) -> Result<(), EngineError> {
+        let state = self.store.load()?;
+        if let Some(p) = state.in_progress {
+            if p.kind == HistoryKind::Revert {
+                warn!(commit = %p.commit, "finishing a revert interrupted by a restart");
+                self.revert_targets(&p.targets, Some(&p.commit)).await?;
+            } else {
+                warn!(commit = %p.commit, wave = p.wave, "a rollout was interrupted; re-running it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Live health of everything in the inventory, per target.
+    pub async fn status(&self) -> Result<Status, EngineError> {
+        let state = self.store.load()?;
+        let mut resources = BTreeMap::new();
+        for (name, rec) in &state.targets {
+            let def = TargetDef {
+                name: name.clone(),
+                kind: rec.kind.unwrap_or(TargetKind::Host),
+                ring: 0,
+            };
+            let ids: Vec<_> = rec.inventory.keys().cloned().collect();
+            let live = match self.target(&def) {
+                Ok(t) => t.observe(&ids).await.ok(),
+                Err(_) => None,
+            };
+            let list = rec
+                .inventory
+                .iter()
+                .map(|(id, service)| {
+                    let l = live.as_ref().and_then(|l| l.get(id));
+                    ResourceStatus {
+                        id: id.clone(),
+                        service: service.clone(),
+                        health: match (&live, l) {
+                            (None, _) => Health::Unknown,
+                            (Some(_), None) => Health::Missing,
+                            (Some(_), Some(l)) => l.health,
+                        },
+                        message: l.and_then(|l| l.message.clone()),
+                    }
+                })
+                .collect();
+            resources.insert(name.clone(), list);
+        }
+        Ok(Status {
+            state,
+            resources,
+            history: self.store.history()?,
+        })
+    }
+
+    fn deployed(&self, prepared: &Prepared, target: &str) -> Deployed {
+        let rev = &prepared.rendered.desired.revision;
+        Deployed {
+            commit: rev.commit.clone(),
+            digest: prepared.rendered.desired.target_digest(target),
+            commit_time: rev.time,
+            summary: rev.summary.clone(),
+            at: self.clock.now(),
+        }
+    }
+
+    async fn keep(&self, commit: &CommitId) {
+        if let Err(e) = self.source.keep(commit).await {
+            warn!(commit = %commit, error = %e, "could not pin the commit locally");
+        }
+    }
+
+    fn mark(&self, f: impl FnOnce(&mut AgentState)) -> Result<(), EngineError> {
+        let mut state = self.store.load()?;
+        f(&mut state);
+        self.store.save(&state)?;
+        Ok(())
+    }
+
+    fn progress(&self, wave: usize, step: &str) -> Result<(), EngineError> {
+        let now = self.clock.now();
+        self.mark(|s| {
+            if let Some(p) = &mut s.in_progress {
+                p.wave = wave;
+                p.step = step.to_string();
+                p.step_started = now;
+            }
+        })
+    }
+
+    fn record_inventory(
+        &self,
+        prepared: &Prepared,
+        action: Action,
+        id: &ResourceId,
+        service: &str,
+        ok: bool,
+    ) -> Result<(), EngineError> {
+        let kind = prepared.targets.get(&id.target).map(|t| t.kind());
+        self.mark(|s| {
+            let rec: &mut TargetRecord = s.targets.entry(id.target.clone()).or_default();
+            rec.kind = rec.kind.or(kind);
+            match action {
+                // Recorded even when the apply failed: it may have created
+                // something part-way, and only the inventory is ever pruned.
+                Action::Create | Action::Update => {
+                    rec.inventory.insert(id.clone(), service.to_string());
+                }
+                Action::Delete if ok => {
+                    rec.inventory.remove(id);
+                }
+                _ => {}
+            }
+        })
+    }
+}
+
+fn gate_times(topo: &Topology, services: &[String]) -> (Duration, Duration) {
+    let mut timeout = Duration::ZERO;
+    let mut soak = Duration::ZERO;
+    for s in services {
+        let def = topo.services.get(s);
+        timeout = timeout.max(
+            def.and_then(|d| d.gate_timeout)
+                .unwrap_or(topo.defaults.gate_timeout),
+        );
+        soak = soak.max(def.and_then(|d| d.soak).unwrap_or(topo.defaults.soak));
+    }
+    (timeout, soak)
+}
+
+fn counts(plan: &Plan) -> (usize, usize, usize) {
+    (
+        plan.count(Action::Create),
+        plan.count(Action::Update),
+        plan.count(Action::Delete),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine against an in-memory source and target. The real git
+    //! source and host target are exercised by the integration tests in
+    //! `tests/`; here the fakes make failure points exact.
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::source::{FileEntry, Snapshot};
+    use crate::store::FileStore;
+    use chrono::Utc;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct FakeSource {
+        commits: Mutex<Vec<(Revision, BTreeMap<String, FileEntry>)>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeSource {
+        fn commit(&self, files: &[(&str, &str)]) -> CommitId {
+            let mut commits = self.commits.lock().unwrap();
+            let id = CommitId::parse(&format!("{:040x}", commits.len() + 1)).unwrap();
+            let files = files
+                .iter()
+                .map(|(p, c)| {
+                    (
+                        p.to_string(),
+                        FileEntry::Blob {
+                            data: c.as_bytes().to_vec(),
+                            executable: false,
+                        },
+                    )
+                })
+                .collect();
+            let summary = format!("c{}", commits.len() + 1);
+            commits.push((
+                Revision {
+                    commit: id.clone(),
+                    time: 0,
+                    summary,
+                },
+                files,
+            ));
+            id
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Source for FakeSource {
+        async fn poll(&self) -> Result<Revision, SourceError> {
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(SourceError::ListRefs {
+                    url: "fake".into(),
+                    reason: "down".into(),
+                });
+            }
+            Ok(self.commits.lock().unwrap().last().unwrap().0.clone())
+        }
+        async fn resolve(&self, rev: &str) -> Result<Revision, SourceError> {
+            self.commits
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(r, _)| r.commit.as_str() == rev)
+                .map(|(r, _)| r.clone())
+                .ok_or(SourceError::CommitNotFound {
+                    url: "fake".into(),
+                    commit: rev.into(),
+                })
+        }
+        async fn snapshot(&self, commit: &CommitId, _: &Limits) -> Result<Snapshot, SourceError> {
+            self.commits
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(r, _)| &r.commit == commit)
+                .map(|(r, f)| Snapshot {
+                    revision: r.clone(),
+                    files: f.clone(),
+                })
+                .ok_or(SourceError::CommitNotFound {
+                    url: "fake".into(),
+                    commit: commit.to_string(),
+                })
+        }
+        async fn keep(&self, _: &CommitId) -> Result<(), SourceError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    /// Keeps resources in a map; resources whose spec has `bad: true` never
+    /// become healthy. Records the order of calls.
+    #[derive(Default)]
+    struct FakeTarget {
+        live: Mutex<BTreeMap<ResourceId, serde_json::Value>>,
+        log: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Target for FakeTarget {
+        fn name(&self) -> &str {
+            "local"
+        }
+        fn kind(&self) -> TargetKind {
+            TargetKind::Host
+        }
+        async fn observe(
+            &self,
+            ids: &[ResourceId],
+        ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
+            let live = self.live.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter_map(|id| {
+                    let body = live.get(id)?.clone();
+                    let health = if body["spec"]["env"]["BAD"] == "1" {
+                        Health::Degraded
+                    } else {
+                        Health::Healthy
+                    };
+                    Some((
+                        id.clone(),
+                        LiveResource {
+                            id: id.clone(),
+                            body,
+                            health,
+                            message: None,
+                        },
+                    ))
+                })
+                .collect())
+        }
+        async fn prepare(&self, _: &[&DesiredResource]) -> Result<(), TargetError> {
+            Ok(())
+        }
+        async fn apply(&self, r: &DesiredResource) -> Result<(), TargetError> {
+            self.log.lock().unwrap().push(format!(
+                "apply {} {}",
+                r.id.name,
+                r.body["spec"]["version"].as_str().unwrap_or("")
+            ));
+            self.live
+                .lock()
+                .unwrap()
+                .insert(r.id.clone(), r.body.clone());
+            Ok(())
+        }
+        async fn delete(&self, id: &ResourceId) -> Result<(), TargetError> {
+            self.log.lock().unwrap().push(format!("delete {}", id.name));
+            self.live.lock().unwrap().remove(id);
+            Ok(())
+        }
+    }
+
+    struct Provider(Arc<FakeTarget>);
+    impl TargetProvider for Provider {
+        fn target(&self, _: &TargetDef) -> Result<Arc<dyn Target>, TargetError> {
+            Ok(self.0.clone())
+        }
+        fn supports(&self, k: TargetKind) -> bool {
+            k == TargetKind::Host
+        }
+    }
+
+    const TOPO: &str = "apiVersion: sluice.dev/v1\nkind: Topology\ndefaults:\n  gateTimeout: 300ms\ntargets:\n  - name: local\n    type: host\nservices:\n  a:\n    path: a\n  b:\n    path: b\n    dependsOn: [a]\n  c:\n    path: c\n    dependsOn: [b]\n";
+
+    fn proc(name: &str, version: &str, bad: bool) -> String {
+        format!("apiVersion: sluice.dev/v1\nkind: Process\nmetadata:\n  name: {name}\nspec:\n  command: x\n  version: \"{version}\"\n  env:\n    BAD: \"{}\"\n", if bad { 1 } else { 0 })
+    }
+
+    fn setup() -> (Engine, Arc<FakeSource>, Arc<FakeTarget>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(FakeSource::default());
+        let target = Arc::new(FakeTarget::default());
+        let engine = Engine {
+            source: source.clone(),
+            targets: Arc::new(Provider(target.clone())),
+            store: Arc::new(FileStore::open(dir.path()).unwrap()),
+            clock: Arc::new(SystemClock),
+            limits: Limits::default(),
+            gate_poll: Duration::from_millis(10),
+        };
+        (engine, source, target, dir)
+    }
+
+    fn repo(versions: [(&str, bool); 3]) -> Vec<(String, String)> {
+        let mut files = vec![("sluice.yaml".to_string(), TOPO.to_string())];
+        for (name, (v, bad)) in ["a", "b", "c"].iter().zip(versions) {
+            files.push((format!("{name}/p.yaml"), proc(name, v, bad)));
+        }
+        files
+    }
+
+    fn commit(source: &FakeSource, files: &[(String, String)]) -> CommitId {
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        source.commit(&refs)
+    }
+
+    #[tokio::test]
+    async fn waves_roll_in_dependency_order_and_a_failed_gate_reverts_touched_waves_only() {
+        let (engine, source, target, _dir) = setup();
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::Applied { .. }), "{r:?}");
+        assert_eq!(
+            *target.log.lock().unwrap(),
+            ["apply a 1", "apply b 1", "apply c 1"]
+        );
+        target.log.lock().unwrap().clear();
+
+        // Version 2 of b never becomes healthy: a and b go back to 1, c is never touched.
+        let bad = commit(&source, &repo([("2", false), ("2", true), ("2", false)]));
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let Reconciled::Reverted { error, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            error.contains("gate after wave 2") && error.contains("local/Process/b is degraded"),
+            "{error}"
+        );
+        assert_eq!(
+            *target.log.lock().unwrap(),
+            ["apply a 2", "apply b 2", "apply b 1", "apply a 1"]
+        );
+        let st = engine.store.load().unwrap();
+        assert_eq!(st.targets["local"].failed.as_ref().unwrap().commit, bad);
+        let h = engine.store.history().unwrap();
+        assert_eq!(
+            h.iter().map(|e| (e.kind, e.outcome)).collect::<Vec<_>>(),
+            [
+                (HistoryKind::Deploy, Outcome::Succeeded),
+                (HistoryKind::Deploy, Outcome::Failed),
+                (HistoryKind::Revert, Outcome::Succeeded),
+            ]
+        );
+        let d = h[1].decision.as_ref().unwrap();
+        assert_eq!((d.wave, d.gate.as_str()), (1, "health"));
+
+        // Not retried until a newer commit arrives.
+        target.log.lock().unwrap().clear();
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::SkippedFailed { .. }), "{r:?}");
+        assert!(target.log.lock().unwrap().is_empty());
+        commit(&source, &repo([("3", false), ("3", false), ("3", false)]));
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::Applied { .. }), "{r:?}");
+        assert!(engine.store.load().unwrap().targets["local"]
+            .failed
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_broken_commit_changes_nothing_and_prunes_nothing() {
+        let (engine, source, target, _dir) = setup();
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let before = target.live.lock().unwrap().clone();
+        target.log.lock().unwrap().clear();
+        for broken in [
+            vec![(
+                "sluice.yaml".to_string(),
+                TOPO.replace("path: c", "path: nowhere"),
+            )],
+            vec![("sluice.yaml".to_string(), "apiVersion: [".to_string())],
+            vec![("sluice.yaml".to_string(), TOPO.to_string())],
+        ] {
+            commit(&source, &broken);
+            let e = engine.reconcile(ApplyOptions::default()).await.unwrap_err();
+            assert!(e.is_bad_input(), "{e}");
+            assert!(target.log.lock().unwrap().is_empty());
+            assert_eq!(*target.live.lock().unwrap(), before);
+            assert!(engine.store.load().unwrap().last_error.is_some());
+        }
+        // Remote down: nothing changes, the error is visible.
+        source
+            .down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(engine.reconcile(ApplyOptions::default()).await.is_err());
+        assert_eq!(engine.store.load().unwrap().source.consecutive_failures, 1);
+    }
+
+    #[tokio::test]
+    async fn removing_a_resource_prunes_it_and_only_it() {
+        let (engine, source, target, _dir) = setup();
+        let mut files = repo([("1", false), ("1", false), ("1", false)]);
+        files.push(("c/extra.yaml".into(), proc("extra", "1", false)));
+        commit(&source, &files);
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        // Something sluice did not create lives on the target too.
+        target.live.lock().unwrap().insert(
+            ResourceId::new("local", "Process", "hand-made"),
+            serde_json::json!({}),
+        );
+        files.pop();
+        commit(&source, &files);
+        target.log.lock().unwrap().clear();
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert_eq!(*target.log.lock().unwrap(), ["delete extra"]);
+        assert!(target.live.lock().unwrap().contains_key(&ResourceId::new(
+            "local",
+            "Process",
+            "hand-made"
+        )));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_revert_is_finished_after_a_restart() {
+        let (engine, source, target, _dir) = setup();
+        let good = commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        // Simulate a crash in the middle of a revert: live is half on v2.
+        commit(&source, &repo([("2", false), ("2", false), ("2", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        engine
+            .mark(|s| {
+                s.in_progress = Some(InProgress {
+                    kind: HistoryKind::Revert,
+                    commit: good.clone(),
+                    targets: vec!["local".into()],
+                    wave: 1,
+                    waves: 3,
+                    step: "revert".into(),
+                    started: Utc::now(),
+                    step_started: Utc::now(),
+                })
+            })
+            .unwrap();
+        engine.finish_interrupted().await.unwrap();
+        let live = target.live.lock().unwrap();
+        assert!(
+            live.values().all(|b| b["spec"]["version"] == "1"),
+            "{live:?}"
+        );
+        assert!(engine.store.load().unwrap().in_progress.is_none());
+    }
+
+    #[tokio::test]
+    async fn revert_by_hand_holds_the_live_commit() {
+        let (engine, source, target, _dir) = setup();
+        let one = commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        commit(&source, &repo([("2", false), ("2", false), ("2", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        engine.revert_by_hand(Some(&one)).await.unwrap();
+        assert!(target
+            .live
+            .lock()
+            .unwrap()
+            .values()
+            .all(|b| b["spec"]["version"] == "1"));
+        // The loop does not roll the reverted commit out again.
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::SkippedFailed { .. }), "{r:?}");
+    }
+}
