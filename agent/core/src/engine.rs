@@ -473,7 +473,17 @@ impl Engine {
                     break;
                 }
             }
-            wave_result.map_err(|e| (e.into(), None))?;
+            if let Err(e) = wave_result {
+                let decision = Decision {
+                    at: self.clock.now(),
+                    wave: wave.index,
+                    gate: "apply".into(),
+                    resource: None,
+                    measurement: e.to_string(),
+                    threshold: "every change of the wave applies".into(),
+                };
+                return Err((e.into(), Some(decision)));
+            }
             if gated && !applied.is_empty() {
                 self.gate(prepared, wave.index, &wave.services, &applied)
                     .await?;
