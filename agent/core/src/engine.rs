@@ -279,7 +279,14 @@ impl Engine {
                 .and_then(|r| r.applied.as_ref())
                 .is_some_and(|a| a.commit == revision.commit)
         });
-        if prepared.plan.is_empty() {
+        // A rollout of this very commit was cut short by a crash: whatever it
+        // applied before must pass its gates again before anything else.
+        let resuming = state
+            .in_progress
+            .as_ref()
+            .filter(|p| p.kind == HistoryKind::Deploy && p.commit == revision.commit)
+            .map(|p| p.targets.clone());
+        if prepared.plan.is_empty() && resuming.is_none() {
             // Nothing live changes (e.g. only a README changed): remember the
             // commit as applied without calling it a deployment.
             let mut state = self.store.load()?;
@@ -300,8 +307,17 @@ impl Engine {
             }
             return Ok(Reconciled::UpToDate { revision });
         }
-        let kind = HistoryKind::Deploy;
-        self.run(prepared, kind, opts).await
+        let resume: Vec<ResourceId> = match &resuming {
+            Some(targets) => prepared
+                .plan
+                .unchanged
+                .iter()
+                .filter(|id| targets.contains(&id.target))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        self.run(prepared, HistoryKind::Deploy, opts, resume).await
     }
 
     /// Applies a prepared plan wave by wave; on failure reverts.
@@ -310,13 +326,16 @@ impl Engine {
         prepared: Prepared,
         kind: HistoryKind,
         opts: ApplyOptions,
+        resume: Vec<ResourceId>,
     ) -> Result<Reconciled, EngineError> {
         let started = Instant::now();
         let revision = prepared.plan.revision.clone();
         let touched: Vec<String> = prepared
             .plan
             .changes()
-            .map(|c| c.id.target.clone())
+            .map(|c| &c.id)
+            .chain(&resume)
+            .map(|id| id.target.clone())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -333,7 +352,9 @@ impl Engine {
                 step_started: self.clock.now(),
             })
         })?;
-        let result = self.rollout(&prepared, kind == HistoryKind::Deploy).await;
+        let result = self
+            .rollout(&prepared, kind == HistoryKind::Deploy, &resume)
+            .await;
         let duration = started.elapsed();
         let (created, updated, deleted) = counts(&prepared.plan);
         let mut entry = HistoryEntry {
@@ -412,11 +433,29 @@ impl Engine {
 
     /// Applies every wave in order, each followed by its gate. Inventory is
     /// saved after every wave so a crash never loses what was created.
+    ///
+    /// `resume` lists resources an interrupted run of the same commit
+    /// applied before a crash: they are gated first, so a restart can never
+    /// skip the gate of a wave it had applied.
     async fn rollout(
         &self,
         prepared: &Prepared,
         gated: bool,
+        resume: &[ResourceId],
     ) -> Result<(), (EngineError, Option<Decision>)> {
+        if gated && !resume.is_empty() {
+            let services: BTreeSet<String> = resume
+                .iter()
+                .filter_map(|id| prepared.rendered.desired.resources.get(id))
+                .map(|r| r.service.clone())
+                .collect();
+            let services: Vec<String> = services.into_iter().collect();
+            info!(
+                resources = resume.len(),
+                "re-checking the gates of an interrupted rollout"
+            );
+            self.gate(prepared, 0, &services, resume).await?;
+        }
         // Prepare (download, verify) everything before the first change.
         for (name, target) in &prepared.targets {
             let wanted: Vec<&DesiredResource> = prepared
@@ -649,7 +688,7 @@ impl Engine {
                 step_started: self.clock.now(),
             })
         })?;
-        let result = self.rollout(&prepared, false).await;
+        let result = self.rollout(&prepared, false, &[]).await;
         let (created, updated, deleted) = counts(&prepared.plan);
         let mut state = self.store.load()?;
         let error = result.as_ref().err().map(|(e, _)| e.to_string());
@@ -1205,6 +1244,52 @@ mod tests {
             "{live:?}"
         );
         assert!(engine.store.load().unwrap().in_progress.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_crash_during_a_gate_cannot_skip_that_gate_after_restart() {
+        let (engine, source, target, _dir) = setup();
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        // The agent applied waves 1 and 2 of a bad release, then died while
+        // gating wave 2: live holds a=2, b=2 (unhealthy); the record says 1.
+        let bad = commit(&source, &repo([("2", false), ("2", true), ("2", false)]));
+        let snap = source.snapshot(&bad, &Limits::default()).await.unwrap();
+        let rendered = render(&snap).unwrap();
+        for r in rendered
+            .desired
+            .resources
+            .values()
+            .filter(|r| r.service != "c")
+        {
+            target.apply(r).await.unwrap();
+        }
+        engine
+            .mark(|s| {
+                s.in_progress = Some(InProgress {
+                    kind: HistoryKind::Deploy,
+                    commit: bad.clone(),
+                    targets: vec!["local".into()],
+                    wave: 1,
+                    waves: 3,
+                    step: "gate".into(),
+                    started: Utc::now(),
+                    step_started: Utc::now(),
+                })
+            })
+            .unwrap();
+        target.log.lock().unwrap().clear();
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::Reverted { .. }), "{r:?}");
+        let live = target.live.lock().unwrap();
+        assert!(
+            live.values().all(|b| b["spec"]["version"] == "1"),
+            "{live:?}"
+        );
+        assert!(!target.log.lock().unwrap().iter().any(|l| l == "apply c 2"));
+        let st = engine.store.load().unwrap();
+        assert!(st.in_progress.is_none());
+        assert_eq!(st.targets["local"].failed.as_ref().unwrap().commit, bad);
     }
 
     #[tokio::test]
