@@ -129,6 +129,35 @@ pub struct ResourceStatus {
     pub message: Option<String>,
 }
 
+/// Drift of one target against the commit applied to it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DriftReport {
+    pub target: String,
+    pub commit: CommitId,
+    pub items: Vec<DriftItem>,
+    /// Resources re-applied by this scan (services with `drift: heal`).
+    pub healed: Vec<ResourceId>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DriftItem {
+    pub id: ResourceId,
+    pub service: String,
+    pub kind: DriftKind,
+    /// Field paths, live → desired; secret values redacted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<crate::diff::FieldChange>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftKind {
+    /// Present but different from the applied commit.
+    Modified,
+    /// Deleted (or stopped) by hand.
+    Missing,
+}
+
 pub struct Engine {
     pub source: Arc<dyn Source>,
     pub targets: Arc<dyn TargetProvider>,
@@ -779,6 +808,98 @@ impl Engine {
         Ok(())
     }
 
+    /// Compares each target's live state with the commit applied to it.
+    /// Resources sluice does not manage are never drift; secrets are
+    /// redacted in the field changes. With `heal`, services whose policy is
+    /// `heal` get their drifted resources re-applied (recorded as a heal).
+    pub async fn drift(&self, heal: bool) -> Result<Vec<DriftReport>, EngineError> {
+        let state = self.store.load()?;
+        let mut reports = Vec::new();
+        for (name, rec) in &state.targets {
+            let Some(applied) = &rec.applied else {
+                continue;
+            };
+            let snapshot = self.source.snapshot(&applied.commit, &self.limits).await?;
+            let rendered = render(&snapshot).map_err(|source| EngineError::Render {
+                commit: applied.commit.to_string(),
+                source,
+            })?;
+            let only: BTreeSet<String> = [name.clone()].into();
+            let prepared = self.prepare_rendered(rendered, &state, Some(&only)).await?;
+            let items: Vec<DriftItem> = prepared
+                .plan
+                .changes()
+                .filter(|c| c.action != Action::Delete)
+                .map(|c| DriftItem {
+                    id: c.id.clone(),
+                    service: c.service.clone(),
+                    kind: if c.action == Action::Create {
+                        DriftKind::Missing
+                    } else {
+                        DriftKind::Modified
+                    },
+                    fields: c.fields.clone(),
+                })
+                .collect();
+            let healing: BTreeSet<&str> = prepared
+                .rendered
+                .topology
+                .services
+                .iter()
+                .filter(|(_, s)| s.drift == crate::model::DriftPolicy::Heal)
+                .map(|(n, _)| n.as_str())
+                .collect();
+            let mut healed = Vec::new();
+            if heal && items.iter().any(|i| healing.contains(i.service.as_str())) {
+                let started = Instant::now();
+                let mut errors = Vec::new();
+                for item in items
+                    .iter()
+                    .filter(|i| healing.contains(i.service.as_str()))
+                {
+                    let (Some(target), Some(r)) = (
+                        prepared.targets.get(&item.id.target),
+                        prepared.rendered.desired.resources.get(&item.id),
+                    ) else {
+                        continue;
+                    };
+                    match target.apply(r).await {
+                        Ok(()) => healed.push(item.id.clone()),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                info!(target = %name, healed = healed.len(), "drift healed");
+                self.store.append(&HistoryEntry {
+                    at: self.clock.now(),
+                    kind: HistoryKind::Heal,
+                    outcome: if errors.is_empty() {
+                        Outcome::Succeeded
+                    } else {
+                        Outcome::Failed
+                    },
+                    commit: applied.commit.clone(),
+                    commit_time: applied.commit_time,
+                    summary: applied.summary.clone(),
+                    digest: applied.digest.clone(),
+                    targets: vec![name.clone()],
+                    created: 0,
+                    updated: healed.len(),
+                    deleted: 0,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    error: (!errors.is_empty()).then(|| errors.join("; ")),
+                    decision: None,
+                })?;
+            }
+            reports.push(DriftReport {
+                target: name.clone(),
+                commit: applied.commit.clone(),
+                items,
+                healed,
+            });
+        }
+        Ok(reports)
+    }
+
     /// Live health of everything in the inventory, per target.
     pub async fn status(&self) -> Result<Status, EngineError> {
         let state = self.store.load()?;
@@ -1290,6 +1411,49 @@ mod tests {
         let st = engine.store.load().unwrap();
         assert!(st.in_progress.is_none());
         assert_eq!(st.targets["local"].failed.as_ref().unwrap().commit, bad);
+    }
+
+    #[tokio::test]
+    async fn drift_is_reported_and_healed_where_the_policy_says() {
+        let (engine, source, target, _dir) = setup();
+        let mut files = repo([("1", false), ("1", false), ("1", false)]);
+        files[0].1 = TOPO.replace("path: b\n", "path: b\n    drift: heal\n");
+        commit(&source, &files);
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        {
+            let mut live = target.live.lock().unwrap();
+            let a = ResourceId::new("local", "Process", "a");
+            live.get_mut(&a).unwrap()["spec"]["version"] = "hand-edited".into();
+            live.remove(&ResourceId::new("local", "Process", "b"));
+            // Not sluice's: never drift.
+            live.insert(
+                ResourceId::new("local", "Process", "other"),
+                serde_json::json!({}),
+            );
+        }
+        let report = engine.drift(false).await.unwrap();
+        let items: Vec<_> = report[0]
+            .items
+            .iter()
+            .map(|i| (i.id.name.as_str(), i.kind))
+            .collect();
+        assert_eq!(
+            items,
+            [("a", DriftKind::Modified), ("b", DriftKind::Missing)]
+        );
+        assert_eq!(report[0].items[0].fields[0].path, "spec.version");
+        assert!(report[0].healed.is_empty());
+
+        let report = engine.drift(true).await.unwrap();
+        assert_eq!(report[0].healed, [ResourceId::new("local", "Process", "b")]);
+        let live = target.live.lock().unwrap();
+        assert!(live.contains_key(&ResourceId::new("local", "Process", "b")));
+        assert_eq!(
+            live[&ResourceId::new("local", "Process", "a")]["spec"]["version"],
+            "hand-edited"
+        );
+        let h = engine.store.history().unwrap();
+        assert_eq!(h.last().unwrap().kind, HistoryKind::Heal);
     }
 
     #[tokio::test]

@@ -113,10 +113,24 @@ pub struct ServiceDef {
     /// Target names; every target when empty.
     #[serde(default)]
     pub targets: Vec<String>,
+    /// What a drift scan does when live differs from the applied commit.
+    #[serde(default)]
+    pub drift: DriftPolicy,
     #[serde(default, with = "duration::option")]
     pub soak: Option<Duration>,
     #[serde(default, with = "duration::option")]
     pub gate_timeout: Option<Duration>,
+}
+
+/// What to do about drift (live changed by hand).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Show it in status, `sluice drift` and metrics.
+    #[default]
+    Report,
+    /// Re-apply the applied commit's desired state (recorded as a heal).
+    Heal,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -352,6 +352,7 @@ mod tests {
                             strategy: None,
                             criticality: None,
                             targets: vec![],
+                            drift: Default::default(),
                             soak: None,
                             gate_timeout: None,
                         },
