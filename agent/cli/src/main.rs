@@ -1,18 +1,154 @@
+//! `sluice`: the command-line edge. Parses flags, wires the engine to real
+//! parts (git, the host target, the state store), and maps outcomes to
+//! output and exit codes: 0 done, 1 failed or reverted, 2 bad input.
 #![forbid(unsafe_code)]
+
+mod demo;
+mod output;
+mod run;
+mod setup;
+mod webhook;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_core::engine::{ApplyOptions, EngineError, Reconciled};
 
 #[derive(Parser)]
-#[command(name = "sluice", version)]
+#[command(
+    name = "sluice",
+    version,
+    about = "GitOps reconciliation agent: a merged pull request becomes a safe, progressive, automatically reverted deployment",
+    after_help = "Exit codes: 0 done, 1 failed or reverted, 2 bad input or configuration."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// Flags shared by the commands that read a repository.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Repository: a local path, file://, https:// or ssh URL. A local path
+    /// inside a git work tree selects the enclosing repository and that
+    /// folder. Only committed content is ever applied.
+    #[arg(long, env = "SLUICE_REPO", default_value = ".")]
+    pub repo: String,
+    /// Branch to follow (default: the remote's default branch).
+    #[arg(long, env = "SLUICE_BRANCH")]
+    pub branch: Option<String>,
+    /// Folder inside the repository holding sluice.yaml.
+    #[arg(long, env = "SLUICE_PATH", default_value = "")]
+    pub path: String,
+    /// Where the agent keeps its state (default: /var/lib/sluice as root,
+    /// else $XDG_STATE_HOME/sluice or ~/.local/state/sluice).
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Root under which host File resources are written (default:
+    /// <state-dir>/files/<target>).
+    #[arg(long, env = "SLUICE_FILE_ROOT")]
+    pub file_root: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// Environment variable holding an https token for the repository.
+    #[arg(long, default_value = "SLUICE_GIT_TOKEN")]
+    pub git_token_env: String,
+    /// File holding an https token for the repository.
+    #[arg(long, env = "SLUICE_GIT_TOKEN_FILE")]
+    pub git_token_file: Option<PathBuf>,
+    /// SSH private key for ssh:// repositories (default: the ssh agent).
+    #[arg(long, env = "SLUICE_SSH_KEY")]
+    pub ssh_key: Option<PathBuf>,
+    /// Allow plain http:// and git:// repositories (e.g. a loopback test
+    /// server). Off by default, as in Flux.
+    #[arg(long, env = "SLUICE_ALLOW_INSECURE")]
+    pub allow_insecure: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Markdown,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Long-running agent: poll (and webhooks), reconcile, serve /healthz,
+    /// /readyz, /metrics and /status.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Time between polls of the repository.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Cap of the retry backoff after failures (starts at 100ms, doubles).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        backoff_max: Duration,
+        /// Address of the HTTP server (status, metrics, webhooks).
+        #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8181")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        webhooks: run::Webhooks,
+    },
+    /// Show what a commit would change in the live system; changes nothing.
+    Plan {
+        #[command(flatten)]
+        common: Common,
+        /// Commit, branch or tag to plan (default: the watched branch's head).
+        #[arg(long)]
+        rev: Option<String>,
+    },
+    /// One reconcile of one commit, then exit (CI, cron, VMs).
+    Apply {
+        #[command(flatten)]
+        common: Common,
+        /// Commit, branch or tag to apply (default: the watched branch's head).
+        #[arg(long)]
+        rev: Option<String>,
+        /// Apply a commit that failed before (recorded in the history).
+        #[arg(long)]
+        retry: bool,
+    },
+    /// Per target and service: commit, health, last error, history.
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// One drift scan: live against the applied commit, per target.
+    Drift {
+        #[command(flatten)]
+        common: Common,
+        /// Re-apply drifted resources of services whose policy is `heal`.
+        #[arg(long)]
+        heal: bool,
+        /// Exit 1 when drift is found (for CI and cron).
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Put the targets back to the last good commit, or to --to.
+    Revert {
+        #[command(flatten)]
+        common: Common,
+        /// Commit to revert to (default: the last good commit per target).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// The demo HTTP service used by the examples (version, latency, errors,
+    /// readiness and crashes set by flags).
+    Demo(demo::DemoArgs),
+    /// Internal: the traffic router, a long-lived process of its own.
+    #[command(hide = true)]
+    Router {
+        #[arg(long)]
+        admin: SocketAddr,
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Internal: supervise one process instance (started by the host target).
     #[command(hide = true)]
     Supervise {
@@ -21,9 +157,189 @@ enum Command {
     },
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    sluice_core::model::duration::parse(s)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
+        Command::Demo(args) => demo_runtime(args),
+        Command::Router { admin, config } => runtime(|| run::router(admin, config)),
+        Command::Run {
+            common,
+            interval,
+            backoff_max,
+            listen,
+            webhooks,
+        } => runtime(|| run::agent(common, interval, backoff_max, listen, webhooks)),
+        Command::Plan { common, rev } => runtime(|| plan(common, rev)),
+        Command::Apply { common, rev, retry } => runtime(|| apply(common, rev, retry)),
+        Command::Status { common } => runtime(|| status(common)),
+        Command::Revert { common, to } => runtime(|| revert(common, to)),
+        Command::Drift {
+            common,
+            heal,
+            exit_code,
+        } => runtime(|| drift(common, heal, exit_code)),
     }
+}
+
+/// Builds the async runtime and reports an error with its causes.
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, anyhow::Error>>,
+{
+    setup::logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", output::chain(&e));
+            exit_for(&e)
+        }
+    }
+}
+
+/// The demo logs nothing through tracing: it is a plain service.
+fn demo_runtime(args: demo::DemoArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(demo::main(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// 2 for bad input or configuration, 1 for anything else.
+fn exit_for(e: &anyhow::Error) -> ExitCode {
+    let bad = e
+        .downcast_ref::<EngineError>()
+        .is_some_and(EngineError::is_bad_input)
+        || e.downcast_ref::<setup::ConfigError>().is_some();
+    ExitCode::from(if bad { 2 } else { 1 })
+}
+
+async fn plan(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let revision = match rev {
+        Some(r) => {
+            engine.poll().await.ok();
+            engine.source.resolve(&r).await.map_err(EngineError::from)?
+        }
+        None => engine.poll().await?,
+    };
+    let prepared = engine.prepare(&revision).await?;
+    output::plan(common.output, &prepared.plan);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn apply(common: Common, rev: Option<String>, retry: bool) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let store = setup::store(&common)?;
+    let _lock = store.lock().map_err(EngineError::from)?;
+    engine.finish_interrupted().await?;
+    let opts = ApplyOptions { retry };
+    let revision = match rev {
+        Some(r) => {
+            // A fetch failure must not stop applying a commit we already have.
+            if let Err(e) = engine.poll().await {
+                tracing::warn!(error = %e, "poll failed; using the local copy");
+            }
+            engine.source.resolve(&r).await.map_err(EngineError::from)?
+        }
+        None => engine.poll().await?,
+    };
+    let result = engine.apply(revision, opts).await?;
+    output::reconciled(common.output, &result);
+    Ok(match result {
+        Reconciled::Applied { .. } | Reconciled::UpToDate { .. } => ExitCode::SUCCESS,
+        Reconciled::Reverted { .. } | Reconciled::SkippedFailed { .. } => ExitCode::from(1),
+    })
+}
+
+async fn status(common: Common) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let status = engine.status().await?;
+    output::status(common.output, &status);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revert(common: Common, to: Option<String>) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let store = setup::store(&common)?;
+    let _lock = store.lock().map_err(EngineError::from)?;
+    let to = match to {
+        Some(r) => Some(
+            engine
+                .source
+                .resolve(&r)
+                .await
+                .map_err(EngineError::from)?
+                .commit,
+        ),
+        None => None,
+    };
+    if engine
+        .store
+        .load()
+        .map_err(EngineError::from)?
+        .targets
+        .is_empty()
+    {
+        return Err(setup::ConfigError(
+            "nothing has been applied from this state dir yet; nothing to revert".into(),
+        )
+        .into());
+    }
+    match engine.revert_by_hand(to.as_ref()).await? {
+        Some(commit) => {
+            output::line(common.output, "reverted", &format!("reverted to {commit}"));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            Err(setup::ConfigError("no last good commit recorded; use --to <commit>".into()).into())
+        }
+    }
+}
+
+async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let reports = if heal {
+        let store = setup::store(&common)?;
+        let _lock = store.lock().map_err(EngineError::from)?;
+        engine.drift(true).await?
+    } else {
+        engine.drift(false).await?
+    };
+    output::drift(common.output, &reports);
+    let drifted = reports.iter().any(|r| r.items.len() > r.healed.len());
+    Ok(if exit_code && drifted {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -1,0 +1,304 @@
+//! `sluice demo`: a small HTTP service for the examples and the tests, whose
+//! version, latency, error rate, readiness and crashes are set by flags, so
+//! good and bad releases can be staged with a one-line commit.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Port to listen on (127.0.0.1).
+    #[arg(long, env = "PORT")]
+    pub port: u16,
+    #[arg(long, env = "SERVICE_NAME", default_value = "demo")]
+    pub name: String,
+    #[arg(long, env = "SERVICE_VERSION", default_value = "0.0.0")]
+    pub version: String,
+    /// Added to every `/` response.
+    #[arg(long, env = "DEMO_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Up to this much more, varying per request.
+    #[arg(long, env = "DEMO_LATENCY_JITTER_MS", default_value_t = 0)]
+    pub latency_jitter_ms: u64,
+    /// Share of `/` requests answered 500 (0.0 to 1.0).
+    #[arg(long, env = "DEMO_ERROR_RATE", default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// /healthz answers 503 until this long after start.
+    #[arg(long, env = "DEMO_READY_AFTER_MS", default_value_t = 0)]
+    pub ready_after_ms: u64,
+    /// /healthz never answers 200.
+    #[arg(long, env = "DEMO_NEVER_READY")]
+    pub never_ready: bool,
+    /// Exit with code 3 this long after start.
+    #[arg(long, env = "DEMO_CRASH_AFTER_MS")]
+    pub crash_after_ms: Option<u64>,
+    /// Exit 1 at once.
+    #[arg(long, env = "DEMO_FAIL_START")]
+    pub fail_start: bool,
+    /// Services to call on `/` (repeatable or comma-separated), e.g.
+    /// http://127.0.0.1:8082.
+    #[arg(long, env = "DEMO_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+    /// OpenFeature flagd flag-definition JSON; re-read when it changes.
+    #[arg(long, env = "DEMO_FLAGS_FILE")]
+    pub flags_file: Option<PathBuf>,
+}
+
+struct App {
+    args: DemoArgs,
+    started: Instant,
+    requests: AtomicU64,
+    /// Flags file cache: (mtime, resolved values).
+    flags: Mutex<(Option<SystemTime>, Value)>,
+}
+
+pub async fn main(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.fail_start {
+        eprintln!(
+            "{} {}: failing at start as asked (--fail-start)",
+            args.name, args.version
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        anyhow::bail!("--error-rate must be between 0 and 1");
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
+    eprintln!(
+        "{} {} listening on 127.0.0.1:{} (pid {})",
+        args.name,
+        args.version,
+        args.port,
+        std::process::id()
+    );
+    if let Some(ms) = args.crash_after_ms {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            eprintln!("crashing as asked (--crash-after-ms {ms})");
+            std::process::exit(3);
+        });
+    }
+    let app = Arc::new(App {
+        args,
+        started: Instant::now(),
+        requests: AtomicU64::new(0),
+        flags: Mutex::new((None, json!({}))),
+    });
+    let router = Router::new()
+        .route("/", get(root))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok\n" }))
+        .with_state(app);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(crate::run::shutdown_signal())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let a = &app.args;
+    let ready = !a.never_ready && app.started.elapsed() >= Duration::from_millis(a.ready_after_ms);
+    if ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn root(State(app): State<Arc<App>>) -> Response {
+    let n = app.requests.fetch_add(1, Ordering::Relaxed);
+    let a = &app.args;
+    let jitter = if a.latency_jitter_ms > 0 {
+        mix(n) % (a.latency_jitter_ms + 1)
+    } else {
+        0
+    };
+    if a.latency_ms + jitter > 0 {
+        tokio::time::sleep(Duration::from_millis(a.latency_ms + jitter)).await;
+    }
+    let flags = app.flags().await;
+    let mut upstreams = Vec::new();
+    for u in &a.upstream {
+        upstreams.push(match fetch(u).await {
+            Ok(v) => v,
+            Err(e) => json!({ "url": u, "error": e }),
+        });
+    }
+    let body = json!({
+        "service": a.name,
+        "version": a.version,
+        "pid": std::process::id(),
+        "flags": flags,
+        "upstreams": upstreams,
+    });
+    if fails(n, a.error_rate) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": "injected failure", "service": a.name, "version": a.version })),
+        )
+            .into_response();
+    }
+    Json(body).into_response()
+}
+
+/// Spreads failures evenly: request `n` fails when the running count of
+/// failures due (`rate * (n + 1)`) reaches a new whole number, so a rate of
+/// 0.05 fails exactly 5 of every 100 requests.
+fn fails(n: u64, rate: f64) -> bool {
+    rate > 0.0 && ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+}
+
+/// A cheap deterministic mix for jitter (no randomness needed).
+fn mix(n: u64) -> u64 {
+    let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 27)
+}
+
+impl App {
+    /// The flags file's values, re-read only when its mtime changed.
+    async fn flags(&self) -> Value {
+        let Some(path) = &self.args.flags_file else {
+            return json!({});
+        };
+        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut cache = self.flags.lock().await;
+        if cache.0 != mtime || mtime.is_none() {
+            let resolved = std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .map(|doc| resolve_flags(&doc))
+                .unwrap_or_else(|| json!({ "error": "flags file missing or not JSON" }));
+            *cache = (mtime, resolved);
+        }
+        cache.1.clone()
+    }
+}
+
+/// Resolves a flagd flag-definition document to each flag's value: the
+/// default variant's value when ENABLED, absent when DISABLED.
+pub fn resolve_flags(doc: &Value) -> Value {
+    let mut out = BTreeMap::new();
+    if let Some(flags) = doc.get("flags").and_then(Value::as_object) {
+        for (name, f) in flags {
+            if f.get("state").and_then(Value::as_str) != Some("ENABLED") {
+                continue;
+            }
+            let variant = f
+                .get("defaultVariant")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if let Some(v) = f.get("variants").and_then(|v| v.get(variant)) {
+                out.insert(name.clone(), v.clone());
+            }
+        }
+    }
+    json!(out)
+}
+
+/// GET `url` (http://host:port[/path]) with HTTP/1.1 over a plain socket:
+/// enough for the demo's dependency chain, with a 5 s limit.
+async fn fetch(url: &str) -> Result<Value, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// upstreams")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(hostport)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.take(1 << 20)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed response")?;
+        let status = head.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        let mut v: Value = serde_json::from_str(&body).unwrap_or_else(|_| json!({ "body": body }));
+        if status != "200" {
+            v["status"] = json!(status);
+        }
+        Ok::<Value, String>(v)
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .map_err(|_| "timeout".to_string())?
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_rate_fails_exactly_that_share() {
+        let failed = (0..1000).filter(|n| fails(*n, 0.05)).count();
+        assert_eq!(failed, 50);
+        assert_eq!((0..1000).filter(|n| fails(*n, 0.0)).count(), 0);
+        assert_eq!((0..1000).filter(|n| fails(*n, 1.0)).count(), 1000);
+    }
+
+    #[test]
+    fn flags_resolve_to_default_variants_of_enabled_flags() {
+        let doc = json!({"flags": {
+            "new-checkout": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off"},
+            "banner": {"state": "ENABLED", "variants": {"a": "hello"}, "defaultVariant": "a"},
+            "old": {"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"}
+        }});
+        assert_eq!(
+            resolve_flags(&doc),
+            json!({"new-checkout": false, "banner": "hello"})
+        );
+        assert_eq!(resolve_flags(&json!({"flags": 3})), json!({}));
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+}

@@ -1,0 +1,439 @@
+//! What the commands print: text for people, JSON for machines.
+
+use std::fmt::Write as _;
+
+use chrono::Utc;
+use serde_json::json;
+use sluice_core::engine::{Reconciled, Status};
+use sluice_core::plan::{to_text, Plan};
+use sluice_core::store::{HistoryEntry, HistoryKind, Outcome};
+
+use crate::Format;
+
+/// An error with its causes, one line.
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: encoding output: {e}"),
+    }
+}
+
+pub fn plan(format: Format, plan: &Plan) {
+    match format {
+        Format::Json => print_json(plan),
+        Format::Text => print!("{}", to_text(plan)),
+        Format::Markdown => print!("{}", plan_markdown(plan)),
+    }
+}
+
+/// Text from manifests made inert for markdown: no HTML, no code fences,
+/// no emphasis or links.
+pub fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '`' | '*' | '_' | '[' | ']' | '|' | '\\' | '#' | '~' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn plan_markdown(plan: &Plan) -> String {
+    use sluice_core::plan::{compact, Action};
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### sluice plan for `{}`\n\n{} to create, {} to update, {} to delete, {} unchanged, in {} wave(s).\n",
+        plan.revision.commit.short(),
+        plan.count(Action::Create),
+        plan.count(Action::Update),
+        plan.count(Action::Delete),
+        plan.count(Action::Unchanged),
+        plan.waves.len()
+    );
+    for w in &plan.waves {
+        let _ = writeln!(
+            s,
+            "<details><summary>Wave {} — ring {}: {}</summary>\n",
+            w.index + 1,
+            w.ring,
+            md_escape(&w.services.join(", "))
+        );
+        for c in &w.changes {
+            let _ = writeln!(s, "- **{:?}** {}", c.action, md_escape(&c.id.to_string()));
+            for f in &c.fields {
+                let show = |v: &Option<serde_json::Value>| {
+                    v.as_ref().map(compact).unwrap_or_else(|| "∅".into())
+                };
+                let _ = writeln!(
+                    s,
+                    "  - {}: {} → {}",
+                    md_escape(&f.path),
+                    md_escape(&show(&f.old)),
+                    md_escape(&show(&f.new))
+                );
+            }
+        }
+        let _ = writeln!(s, "\n</details>\n");
+    }
+    s
+}
+
+pub fn drift(format: Format, reports: &[sluice_core::engine::DriftReport]) {
+    use sluice_core::engine::DriftKind;
+    match format {
+        Format::Json => print_json(&reports),
+        Format::Text | Format::Markdown => {
+            let md = format == Format::Markdown;
+            let esc = |t: &str| if md { md_escape(t) } else { t.to_string() };
+            let mut s = String::new();
+            if md {
+                let _ = writeln!(s, "### sluice drift\n");
+            }
+            for r in reports {
+                let _ = writeln!(
+                    s,
+                    "Target {} (applied {}): {} drifted",
+                    esc(&r.target),
+                    r.commit.short(),
+                    r.items.len()
+                );
+                for i in &r.items {
+                    let what = match i.kind {
+                        DriftKind::Missing => "missing",
+                        DriftKind::Modified => "modified",
+                    };
+                    let healed = if r.healed.contains(&i.id) {
+                        " (healed)"
+                    } else {
+                        ""
+                    };
+                    let _ = writeln!(
+                        s,
+                        "{}{what} {} ({}){healed}",
+                        if md { "- " } else { "  " },
+                        esc(&i.id.to_string()),
+                        esc(&i.service)
+                    );
+                    for f in &i.fields {
+                        let show = |v: &Option<serde_json::Value>| {
+                            v.as_ref()
+                                .map(sluice_core::plan::compact)
+                                .unwrap_or_else(|| "∅".into())
+                        };
+                        let _ = writeln!(
+                            s,
+                            "{}{}: live {} → desired {}",
+                            if md { "  - " } else { "      " },
+                            esc(&f.path),
+                            esc(&show(&f.old)),
+                            esc(&show(&f.new))
+                        );
+                    }
+                }
+            }
+            if reports.is_empty() {
+                let _ = writeln!(s, "Nothing applied yet: no drift to scan.");
+            }
+            print!("{s}");
+        }
+    }
+}
+
+pub fn line(format: Format, result: &str, message: &str) {
+    match format {
+        Format::Json => print_json(&json!({ "result": result, "message": message })),
+        Format::Text | Format::Markdown => println!("{message}"),
+    }
+}
+
+pub fn reconciled(format: Format, r: &Reconciled) {
+    if format == Format::Json {
+        let v = match r {
+            Reconciled::UpToDate { revision } => {
+                json!({"result": "up-to-date", "revision": revision})
+            }
+            Reconciled::Applied { plan, duration } => {
+                json!({"result": "applied", "plan": plan, "durationMs": duration.as_millis() as u64})
+            }
+            Reconciled::SkippedFailed { revision, reason } => {
+                json!({"result": "skipped-failed", "revision": revision, "reason": reason})
+            }
+            Reconciled::Reverted {
+                plan,
+                error,
+                reverted_to,
+            } => {
+                json!({"result": "reverted", "plan": plan, "error": error, "revertedTo": reverted_to})
+            }
+        };
+        return print_json(&v);
+    }
+    match r {
+        Reconciled::UpToDate { revision } => {
+            println!("{} is live; nothing to change.", revision.commit.short())
+        }
+        Reconciled::Applied { plan, duration } => {
+            print!("{}", to_text(plan));
+            println!(
+                "\nApplied {} in {:.1}s.",
+                plan.revision.commit.short(),
+                duration.as_secs_f64()
+            );
+        }
+        Reconciled::SkippedFailed { revision, reason } => println!(
+            "{} failed before and is not retried until a newer commit arrives (use --retry to force): {reason}",
+            revision.commit.short()
+        ),
+        Reconciled::Reverted {
+            plan,
+            error,
+            reverted_to,
+        } => {
+            print!("{}", to_text(plan));
+            println!("\nRollout of {} FAILED: {error}", plan.revision.commit.short());
+            match reverted_to {
+                Some(c) => println!("Reverted to the last good commit {}.", c.short()),
+                None => println!("No last good commit to revert to; live state left as the failed rollout left it."),
+            }
+        }
+    }
+}
+
+pub fn status(format: Format, s: &Status) {
+    if format == Format::Json {
+        return print_json(&json!({
+            "source": s.state.source,
+            "lastError": s.state.last_error,
+            "inProgress": s.state.in_progress,
+            "targets": s.state.targets,
+            "resources": s.resources,
+            "history": s.history,
+            "dora": dora(&s.history),
+        }));
+    }
+    print!("{}", status_text(s));
+}
+
+pub fn status_text(s: &Status) -> String {
+    let mut out = String::new();
+    let src = &s.state.source;
+    let _ = writeln!(
+        out,
+        "Source: {}",
+        if src.describe.is_empty() {
+            "(never polled)"
+        } else {
+            &src.describe
+        }
+    );
+    if let Some(rev) = &src.last_seen {
+        let _ = writeln!(out, "  head: {} {}", rev.commit.short(), rev.summary);
+    }
+    if let Some(t) = src.last_poll {
+        let _ = writeln!(out, "  last poll: {}", ago(t));
+    }
+    if let Some(e) = &src.last_error {
+        let _ = writeln!(
+            out,
+            "  ERROR ({} consecutive): {e}",
+            src.consecutive_failures
+        );
+    }
+    if let Some(e) = &s.state.last_error {
+        let _ = writeln!(out, "Last reconcile error: {e}");
+    }
+    if let Some(p) = &s.state.in_progress {
+        let _ = writeln!(
+            out,
+            "In progress: {:?} of {} — wave {}/{}, {} (for {})",
+            p.kind,
+            p.commit.short(),
+            p.wave + 1,
+            p.waves,
+            p.step,
+            ago(p.step_started).trim_end_matches(" ago")
+        );
+    }
+    if s.state.targets.is_empty() {
+        let _ = writeln!(out, "\nNothing applied yet.");
+    }
+    for (name, rec) in &s.state.targets {
+        let _ = writeln!(out, "\nTarget {name}");
+        match &rec.applied {
+            Some(a) => {
+                let _ = writeln!(
+                    out,
+                    "  applied:   {} {} ({})",
+                    a.commit.short(),
+                    a.summary,
+                    ago(a.at)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  applied:   nothing");
+            }
+        }
+        if let Some(g) = &rec.last_good {
+            let _ = writeln!(out, "  last good: {} {}", g.commit.short(), g.summary);
+        }
+        if let Some(f) = &rec.failed {
+            let _ = writeln!(
+                out,
+                "  failed:    {} — {} (not retried until a newer commit)",
+                f.commit.short(),
+                f.reason
+            );
+        }
+        if let Some(e) = &rec.last_error {
+            let _ = writeln!(out, "  last error: {e}");
+        }
+        let resources = s.resources.get(name).cloned().unwrap_or_default();
+        let mut services: std::collections::BTreeMap<&str, Vec<_>> = Default::default();
+        for r in &resources {
+            services.entry(r.service.as_str()).or_default().push(r);
+        }
+        for (service, list) in services {
+            let worst = list
+                .iter()
+                .map(|r| r.health)
+                .max()
+                .unwrap_or(sluice_core::resource::Health::Unknown);
+            let _ = writeln!(out, "  {service:<16} {worst}");
+            for r in list {
+                let msg = r
+                    .message
+                    .as_deref()
+                    .map(|m| format!(" — {m}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "    {:<8} {:<24} {}{msg}",
+                    r.id.kind, r.id.name, r.health
+                );
+            }
+        }
+    }
+    if let Some(last) = s.history.last() {
+        let _ = writeln!(
+            out,
+            "\nLast {}: {} {:?} {:?} ({})",
+            kind(last.kind),
+            last.commit.short(),
+            last.summary,
+            last.outcome,
+            ago(last.at)
+        );
+        if let Some(e) = &last.error {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    let d = dora(&s.history);
+    let _ = writeln!(
+        out,
+        "DORA: {} deployments ({:.2}/day), lead time {}, change failure rate {}, time to restore {}",
+        d["deployments"],
+        d["deploymentsPerDay"].as_f64().unwrap_or(0.0),
+        secs(d["leadTimeSeconds"].as_f64()),
+        d["changeFailureRate"].as_f64().map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "n/a".into()),
+        secs(d["timeToRestoreSeconds"].as_f64()),
+    );
+    out
+}
+
+fn kind(k: HistoryKind) -> &'static str {
+    match k {
+        HistoryKind::Deploy => "deploy",
+        HistoryKind::Revert => "revert",
+        HistoryKind::Heal => "heal",
+    }
+}
+
+fn secs(v: Option<f64>) -> String {
+    match v {
+        None => "n/a".into(),
+        Some(s) if s < 120.0 => format!("{s:.0}s"),
+        Some(s) if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        Some(s) => format!("{:.1}h", s / 3600.0),
+    }
+}
+
+fn ago(t: chrono::DateTime<Utc>) -> String {
+    let s = (Utc::now() - t).num_seconds().max(0);
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+/// The four DORA figures from the history: deployment frequency, median
+/// lead time (commit to live), change failure rate, median time to restore
+/// (failed deploy to the next successful deploy or revert).
+pub fn dora(history: &[HistoryEntry]) -> serde_json::Value {
+    let deploys: Vec<&HistoryEntry> = history
+        .iter()
+        .filter(|e| e.kind == HistoryKind::Deploy)
+        .collect();
+    let ok: Vec<&&HistoryEntry> = deploys
+        .iter()
+        .filter(|e| e.outcome == Outcome::Succeeded)
+        .collect();
+    let failed = deploys.len() - ok.len();
+    let days = match (deploys.first(), deploys.last()) {
+        (Some(a), Some(b)) => ((b.at - a.at).num_seconds() as f64 / 86400.0).max(1.0),
+        _ => 1.0,
+    };
+    let mut leads: Vec<f64> = ok
+        .iter()
+        .map(|e| (e.at.timestamp() - e.commit_time).max(0) as f64)
+        .collect();
+    let mut restores = Vec::new();
+    for (i, e) in history.iter().enumerate() {
+        if e.kind == HistoryKind::Deploy && e.outcome == Outcome::Failed {
+            if let Some(next) = history[i + 1..]
+                .iter()
+                .find(|n| n.outcome == Outcome::Succeeded)
+            {
+                restores.push((next.at - e.at).num_milliseconds().max(0) as f64 / 1000.0);
+            }
+        }
+    }
+    json!({
+        "deployments": ok.len(),
+        "deploymentsPerDay": ok.len() as f64 / days,
+        "leadTimeSeconds": median(&mut leads),
+        "changeFailureRate": if deploys.is_empty() { None } else { Some(failed as f64 / deploys.len() as f64) },
+        "timeToRestoreSeconds": median(&mut restores),
+    })
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}

@@ -1,0 +1,428 @@
+//! `sluice run` (the long-running agent) and `sluice router`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sluice_core::clock::Backoff;
+use sluice_core::engine::{ApplyOptions, Engine, EngineError, Reconciled};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::webhook::{self, Provider};
+use crate::{output, setup, Common};
+
+/// `sluice router`: serves until SIGTERM/SIGINT.
+pub async fn router(admin: SocketAddr, config: PathBuf) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(admin).await?;
+    sluice_router::serve(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Counters for /metrics; the DORA figures come from the history.
+#[derive(Default)]
+pub struct Metrics {
+    reconciles: AtomicU64,
+    reconcile_errors: AtomicU64,
+    poll_errors: AtomicU64,
+    rollouts: AtomicU64,
+    reverts: AtomicU64,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    /// The branch webhooks must name to wake the loop (None: any push).
+    branch: Option<String>,
+    /// Shared secrets of the webhook providers; a provider without one is
+    /// refused.
+    github_secret: Option<Vec<u8>>,
+    gitlab_token: Option<Vec<u8>>,
+    store: sluice_core::store::FileStore,
+    metrics: Metrics,
+    /// Woken by webhooks (and tests) to reconcile without waiting.
+    wake: Notify,
+    /// Set after the first reconcile attempt finished: /readyz.
+    ready: std::sync::atomic::AtomicBool,
+}
+
+/// Where the webhook secrets come from.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Webhooks {
+    /// File holding the GitHub webhook secret (or SLUICE_GITHUB_WEBHOOK_SECRET).
+    #[arg(long, env = "SLUICE_GITHUB_WEBHOOK_SECRET_FILE")]
+    pub github_secret_file: Option<PathBuf>,
+    /// File holding the GitLab webhook token (or SLUICE_GITLAB_WEBHOOK_TOKEN).
+    #[arg(long, env = "SLUICE_GITLAB_WEBHOOK_TOKEN_FILE")]
+    pub gitlab_token_file: Option<PathBuf>,
+}
+
+fn secret(file: &Option<PathBuf>, env: &str) -> Result<Option<Vec<u8>>, setup::ConfigError> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f)
+            .map_err(|e| setup::ConfigError(format!("{}: {e}", f.display())))?;
+        return Ok(Some(s.trim().as_bytes().to_vec()).filter(|s| !s.is_empty()));
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes))
+}
+
+pub async fn agent(
+    common: Common,
+    interval: Duration,
+    backoff_max: Duration,
+    listen: SocketAddr,
+    hooks: Webhooks,
+) -> anyhow::Result<ExitCode> {
+    let github_secret = secret(&hooks.github_secret_file, "SLUICE_GITHUB_WEBHOOK_SECRET")?;
+    let gitlab_token = secret(&hooks.gitlab_token_file, "SLUICE_GITLAB_WEBHOOK_TOKEN")?;
+    let engine = Arc::new(setup::engine(&common)?);
+    let store = setup::store(&common)?;
+    // One agent per state dir; applies (ours, `sluice apply`, `sluice
+    // revert`) take turns on the apply lock.
+    let _run_lock = store
+        .try_lock_named("run.lock")
+        .map_err(EngineError::from)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| setup::ConfigError(format!("--listen {listen}: {e}")))?;
+    info!(addr = %listener.local_addr()?, source = %engine.source.describe(), "sluice agent starting");
+    let shared = Arc::new(Shared {
+        engine,
+        branch: common.branch.clone(),
+        github_secret,
+        gitlab_token,
+        store,
+        metrics: Metrics::default(),
+        wake: Notify::new(),
+        ready: false.into(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(serve(listener, shared.clone(), {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.changed().await;
+        }
+    }));
+    let backoff = Backoff {
+        initial: Duration::from_millis(100),
+        max: backoff_max,
+    };
+    let loop_task = tokio::spawn(reconcile_loop(shared.clone(), interval, backoff, stop_rx));
+    shutdown_signal().await;
+    info!("shutting down; supervised processes keep running");
+    let _ = stop_tx.send(true);
+    let _ = loop_task.await;
+    let _ = server.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reconciles on every tick, webhook or after a backoff delay. Never
+/// sleeps inside a reconcile; the delay comes from the outcome.
+async fn reconcile_loop(
+    shared: Arc<Shared>,
+    interval: Duration,
+    backoff: Backoff,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let result = {
+            let store = shared.store.clone();
+            let lock = tokio::task::spawn_blocking(move || store.lock()).await;
+            match lock {
+                Ok(Ok(_held)) => shared.engine.reconcile(ApplyOptions::default()).await,
+                Ok(Err(e)) => Err(EngineError::from(e)),
+                Err(e) => Err(EngineError::Store(
+                    sluice_core::store::StoreError::Corrupt {
+                        path: "apply.lock".into(),
+                        reason: e.to_string(),
+                    },
+                )),
+            }
+        };
+        shared.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+        let delay = match result {
+            Ok(r) => {
+                failures = 0;
+                match &r {
+                    Reconciled::Applied { plan, duration } => {
+                        shared.metrics.rollouts.fetch_add(1, Ordering::Relaxed);
+                        info!(commit = %plan.revision.commit, ms = duration.as_millis() as u64, "applied");
+                    }
+                    Reconciled::Reverted {
+                        plan,
+                        error,
+                        reverted_to,
+                    } => {
+                        shared.metrics.rollouts.fetch_add(1, Ordering::Relaxed);
+                        shared.metrics.reverts.fetch_add(1, Ordering::Relaxed);
+                        warn!(commit = %plan.revision.commit, %error, reverted_to = ?reverted_to.as_ref().map(|c| c.to_string()), "rollout failed and was reverted");
+                    }
+                    _ => {}
+                }
+                interval
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .reconcile_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let transient = matches!(&e, EngineError::Source(s) if s.is_transient())
+                    || matches!(
+                        e,
+                        EngineError::Target(sluice_core::target::TargetError::Unavailable { .. })
+                    );
+                if matches!(e, EngineError::Source(_)) {
+                    shared.metrics.poll_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if transient {
+                    failures += 1;
+                    let d = backoff.delay(failures).min(interval.max(backoff.initial));
+                    warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconcile failed; live state untouched");
+                    d
+                } else {
+                    error!(error = %e, "reconcile failed; live state untouched until the repository is fixed");
+                    interval
+                }
+            }
+        };
+        shared.ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/reconcile", axum::routing::post(wake))
+        .route("/webhook/github", axum::routing::post(github))
+        .route("/webhook/gitlab", axum::routing::post(gitlab))
+        // Caps every body before a handler sees it: oversized → 413.
+        .layer(axum::extract::DefaultBodyLimit::max(webhook::MAX_BODY))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        error!(error = %e, "http server failed");
+    }
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+/// Asks the loop to reconcile now. Carries no desired state, so repeating
+/// it is harmless.
+async fn wake(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    s.wake.notify_one();
+    (StatusCode::ACCEPTED, "reconcile requested\n")
+}
+
+async fn github(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signature = header_str(&headers, "x-hub-signature-256");
+    if let Err(e) = webhook::verify_github(s.github_secret.as_deref(), signature, &body) {
+        return refuse("github", e, body.len());
+    }
+    let event = header_str(&headers, "x-github-event").unwrap_or("");
+    on_event(&s, "github", webhook::parse(Provider::GitHub, event, &body))
+}
+
+async fn gitlab(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let token = header_str(&headers, "x-gitlab-token");
+    if let Err(e) = webhook::verify_gitlab(s.gitlab_token.as_deref(), token) {
+        return refuse("gitlab", e, body.len());
+    }
+    let event = header_str(&headers, "x-gitlab-event").unwrap_or("");
+    on_event(&s, "gitlab", webhook::parse(Provider::GitLab, event, &body))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Logged without the payload: it is unauthenticated input.
+fn refuse(provider: &str, why: webhook::Refused, bytes: usize) -> Response {
+    warn!(provider, reason = %why, bytes, "webhook refused");
+    let code = match why {
+        webhook::Refused::NotConfigured => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    (code, format!("{why}\n")).into_response()
+}
+
+fn on_event(s: &Shared, provider: &str, event: webhook::Event) -> Response {
+    match event {
+        webhook::Event::Push { branch } => {
+            let watched = match (&s.branch, &branch) {
+                (Some(w), Some(b)) => w == b,
+                (Some(_), None) => false,
+                (None, _) => true,
+            };
+            if watched {
+                info!(provider, branch = ?branch, "push webhook: reconciling now");
+                s.wake.notify_one();
+                (StatusCode::ACCEPTED, "reconcile requested\n").into_response()
+            } else {
+                (StatusCode::ACCEPTED, "push to another branch; ignored\n").into_response()
+            }
+        }
+        webhook::Event::PullRequest { number } => {
+            info!(
+                provider,
+                number, "pull request webhook (reports are not posted by this version)"
+            );
+            (StatusCode::ACCEPTED, "pull request noted\n").into_response()
+        }
+        webhook::Event::Other(kind) => {
+            (StatusCode::OK, format!("event {kind:?} ignored\n")).into_response()
+        }
+    }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    match s.engine.status().await {
+        Ok(st) => {
+            let body = serde_json::json!({
+                "source": st.state.source,
+                "lastError": st.state.last_error,
+                "inProgress": st.state.in_progress,
+                "targets": st.state.targets,
+                "resources": st.resources,
+                "history": st.history.iter().rev().take(50).collect::<Vec<_>>(),
+                "dora": output::dora(&st.history),
+            });
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    use std::fmt::Write as _;
+    let m = &s.metrics;
+    let mut out = String::new();
+    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        &mut out,
+        "sluice_reconciles_total",
+        "Reconcile passes.",
+        m.reconciles.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "sluice_reconcile_errors_total",
+        "Reconcile passes that failed before changing anything.",
+        m.reconcile_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "sluice_poll_errors_total",
+        "Failed polls of the repository.",
+        m.poll_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "sluice_rollouts_total",
+        "Rollouts started.",
+        m.rollouts.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "sluice_reverts_total",
+        "Automatic reverts.",
+        m.reverts.load(Ordering::Relaxed),
+    );
+    if let Ok(history) = s.engine.store.history() {
+        let d = output::dora(&history);
+        let gauge = |out: &mut String, name: &str, help: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+        };
+        gauge(
+            &mut out,
+            "sluice_dora_deployments_per_day",
+            "Successful deployments per day.",
+            d["deploymentsPerDay"].as_f64(),
+        );
+        gauge(
+            &mut out,
+            "sluice_dora_lead_time_seconds",
+            "Median time from commit to live.",
+            d["leadTimeSeconds"].as_f64(),
+        );
+        gauge(
+            &mut out,
+            "sluice_dora_change_failure_rate",
+            "Share of deployments that failed.",
+            d["changeFailureRate"].as_f64(),
+        );
+        gauge(
+            &mut out,
+            "sluice_dora_time_to_restore_seconds",
+            "Median time from a failed deployment to the next good state.",
+            d["timeToRestoreSeconds"].as_f64(),
+        );
+    }
+    if let Ok(state) = s.engine.store.load() {
+        let _ = writeln!(out, "# HELP sluice_applied_commit_info The commit applied per target.\n# TYPE sluice_applied_commit_info gauge");
+        for (name, rec) in &state.targets {
+            if let Some(a) = &rec.applied {
+                let _ = writeln!(
+                    out,
+                    "sluice_applied_commit_info{{target=\"{name}\",commit=\"{}\"}} 1",
+                    a.commit
+                );
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

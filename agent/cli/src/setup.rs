@@ -1,0 +1,191 @@
+//! Wiring: the engine over real parts, from the command-line flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_core::clock::SystemClock;
+use sluice_core::engine::Engine;
+use sluice_core::model::{TargetDef, TargetKind};
+use sluice_core::source::Limits;
+use sluice_core::store::FileStore;
+use sluice_core::target::{Target, TargetError, TargetProvider};
+use sluice_git::{Auth, GitConfig, GitSource, Secret};
+use sluice_host::{HostConfig, HostTarget};
+
+use crate::Common;
+
+/// A flag or setting that is wrong: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+pub fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn state_dir(common: &Common) -> PathBuf {
+    if let Some(d) = &common.state_dir {
+        return d.clone();
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        return PathBuf::from("/var/lib/sluice");
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("sluice");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/sluice")
+}
+
+pub fn store(common: &Common) -> Result<FileStore, ConfigError> {
+    let dir = state_dir(common);
+    FileStore::open(&dir).map_err(|e| ConfigError(format!("--state-dir: {e}")))
+}
+
+/// The engine over git, the host target and the file store.
+pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
+    let dir = state_dir(common);
+    let store = store(common)?;
+    let (url, path) = locate(&common.repo, &common.path)?;
+    let auth = auth(common)?;
+    let source = GitSource::new(GitConfig {
+        url,
+        branch: common.branch.clone(),
+        path,
+        cache_dir: dir.join("git"),
+        auth,
+        allow_insecure: common.allow_insecure,
+    })
+    .map_err(|e| ConfigError(format!("--repo: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| ConfigError(format!("locating the sluice binary: {e}")))?;
+    let provider = HostProvider {
+        state_dir: dir.join("host"),
+        file_root: common
+            .file_root
+            .clone()
+            .unwrap_or_else(|| dir.join("files")),
+        exe,
+        built: Mutex::new(BTreeMap::new()),
+    };
+    Ok(Engine {
+        source: Arc::new(source),
+        targets: Arc::new(provider),
+        store: Arc::new(store),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        gate_poll: Duration::from_millis(100),
+    })
+}
+
+/// A local path inside a git work tree becomes (work tree root, folder):
+/// `--repo examples/host-shop` just works from a checkout of sluice.
+fn locate(repo: &str, path: &str) -> Result<(String, String), ConfigError> {
+    let is_url = repo.contains("://") || (repo.contains('@') && repo.contains(':'));
+    if is_url {
+        return Ok((repo.to_string(), path.to_string()));
+    }
+    let abs =
+        std::fs::canonicalize(repo).map_err(|e| ConfigError(format!("--repo {repo:?}: {e}")))?;
+    let mut dir: &Path = &abs;
+    loop {
+        if dir.join(".git").exists() {
+            let sub = abs.strip_prefix(dir).unwrap_or(Path::new(""));
+            let mut folder = sub.to_string_lossy().to_string();
+            if !path.is_empty() {
+                folder = if folder.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{folder}/{path}")
+                };
+            }
+            return Ok((dir.to_string_lossy().to_string(), folder));
+        }
+        match dir.parent() {
+            Some(p) => dir = p,
+            // A bare repository or a plain path: let the source decide.
+            None => return Ok((abs.to_string_lossy().to_string(), path.to_string())),
+        }
+    }
+}
+
+fn auth(common: &Common) -> Result<Auth, ConfigError> {
+    if let Some(file) = &common.git_token_file {
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError(format!("--git-token-file {}: {e}", file.display())))?;
+        return Ok(Auth::Token {
+            token: Secret::new(token.trim().to_string()),
+        });
+    }
+    if let Ok(token) = std::env::var(&common.git_token_env) {
+        if !token.is_empty() {
+            return Ok(Auth::Token {
+                token: Secret::new(token),
+            });
+        }
+    }
+    if let Some(key) = &common.ssh_key {
+        return Ok(Auth::SshKey {
+            private_key: key.clone(),
+            passphrase: None,
+        });
+    }
+    if common.repo.starts_with("ssh://")
+        || (common.repo.contains('@') && !common.repo.contains("://"))
+    {
+        return Ok(Auth::SshAgent);
+    }
+    Ok(Auth::None)
+}
+
+/// Builds host targets on demand, once each: a host target adopts the
+/// processes it finds, so it must not be built twice per process.
+struct HostProvider {
+    state_dir: PathBuf,
+    file_root: PathBuf,
+    exe: PathBuf,
+    built: Mutex<BTreeMap<String, Arc<dyn Target>>>,
+}
+
+impl TargetProvider for HostProvider {
+    fn target(&self, def: &TargetDef) -> Result<Arc<dyn Target>, TargetError> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = built.get(&def.name) {
+            return Ok(t.clone());
+        }
+        let extra_path = self
+            .exe
+            .parent()
+            .map(|p| vec![p.to_path_buf()])
+            .unwrap_or_default();
+        let target: Arc<dyn Target> = Arc::new(HostTarget::new(HostConfig {
+            name: def.name.clone(),
+            state_dir: self.state_dir.join(&def.name),
+            file_root: self.file_root.join(&def.name),
+            exe: self.exe.clone(),
+            port_range: 20000..=29999,
+            extra_path,
+        })?);
+        built.insert(def.name.clone(), target.clone());
+        Ok(target)
+    }
+
+    fn supports(&self, kind: TargetKind) -> bool {
+        kind == TargetKind::Host
+    }
+}

@@ -1,0 +1,252 @@
+//! Webhooks from GitHub and GitLab: a push wakes the loop at once.
+//!
+//! # Guarantees
+//! - The body is capped before anything else is done with it; the
+//!   signature is checked over the bounded body, and only then is it parsed.
+//! - A provider with no secret configured is refused; a missing or bad
+//!   signature gets 401 and is logged without the payload.
+//! - Comparisons are constant-time.
+//! - A webhook carries no desired state: it only triggers a refresh from
+//!   git, so a replayed delivery is harmless.
+
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+/// Bodies above this size are refused (GitHub caps payloads at 25 MiB;
+/// pushes that matter here are far smaller).
+pub const MAX_BODY: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    GitHub,
+    GitLab,
+}
+
+/// Why a delivery was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no secret configured for this provider")]
+    NotConfigured,
+    #[error("missing signature")]
+    MissingSignature,
+    #[error("bad signature")]
+    BadSignature,
+}
+
+/// What a verified delivery asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A push to `branch` (None when the ref is not a branch).
+    Push { branch: Option<String> },
+    /// A pull/merge request opened or updated.
+    PullRequest { number: u64 },
+    /// Anything else (ping, issues, ...): acknowledged, ignored.
+    Other(String),
+}
+
+/// Verifies a GitHub delivery: `X-Hub-Signature-256: sha256=<hex>` is the
+/// HMAC-SHA256 of the body with the shared secret.
+pub fn verify_github(
+    secret: Option<&[u8]>,
+    signature: Option<&str>,
+    body: &[u8],
+) -> Result<(), Refused> {
+    let secret = secret
+        .filter(|s| !s.is_empty())
+        .ok_or(Refused::NotConfigured)?;
+    let signature = signature.ok_or(Refused::MissingSignature)?;
+    let hex_sig = signature
+        .strip_prefix("sha256=")
+        .ok_or(Refused::BadSignature)?;
+    let expected = hex::decode(hex_sig).map_err(|_| Refused::BadSignature)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| Refused::NotConfigured)?;
+    mac.update(body);
+    mac.verify_slice(&expected)
+        .map_err(|_| Refused::BadSignature)
+}
+
+/// Verifies a GitLab delivery: `X-Gitlab-Token` equals the shared token.
+pub fn verify_gitlab(token: Option<&[u8]>, header: Option<&str>) -> Result<(), Refused> {
+    let token = token
+        .filter(|s| !s.is_empty())
+        .ok_or(Refused::NotConfigured)?;
+    let header = header.ok_or(Refused::MissingSignature)?;
+    if bool::from(header.as_bytes().ct_eq(token)) {
+        Ok(())
+    } else {
+        Err(Refused::BadSignature)
+    }
+}
+
+#[derive(Deserialize)]
+struct PushBody {
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct GitHubPr {
+    number: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct GitLabMr {
+    object_attributes: Option<GitLabMrAttrs>,
+}
+
+#[derive(Deserialize)]
+struct GitLabMrAttrs {
+    iid: Option<u64>,
+}
+
+/// Reads the event from a verified body. Missing or mistyped fields give
+/// `Other`, never a panic.
+pub fn parse(provider: Provider, event: &str, body: &[u8]) -> Event {
+    let push = matches!(
+        (provider, event),
+        (Provider::GitHub, "push") | (Provider::GitLab, "Push Hook")
+    );
+    let pr = matches!(
+        (provider, event),
+        (Provider::GitHub, "pull_request") | (Provider::GitLab, "Merge Request Hook")
+    );
+    if push {
+        let branch = serde_json::from_slice::<PushBody>(body)
+            .ok()
+            .and_then(|b| b.reference)
+            .and_then(|r| r.strip_prefix("refs/heads/").map(str::to_string));
+        return Event::Push { branch };
+    }
+    if pr {
+        let number = match provider {
+            Provider::GitHub => serde_json::from_slice::<GitHubPr>(body)
+                .ok()
+                .and_then(|b| b.number),
+            Provider::GitLab => serde_json::from_slice::<GitLabMr>(body)
+                .ok()
+                .and_then(|b| b.object_attributes)
+                .and_then(|a| a.iid),
+        };
+        if let Some(number) = number {
+            return Event::PullRequest { number };
+        }
+    }
+    Event::Other(event.chars().take(64).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &[u8], body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn github_signatures_are_checked() {
+        let body = br#"{"ref":"refs/heads/main"}"#;
+        let good = sign(b"s3cret", body);
+        assert_eq!(verify_github(Some(b"s3cret"), Some(&good), body), Ok(()));
+        assert_eq!(
+            verify_github(Some(b"other"), Some(&good), body),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_github(Some(b"s3cret"), Some(&good), b"{}"),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_github(Some(b"s3cret"), None, body),
+            Err(Refused::MissingSignature)
+        );
+        assert_eq!(
+            verify_github(Some(b"s3cret"), Some("sha1=abc"), body),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_github(Some(b"s3cret"), Some("sha256=zz"), body),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_github(None, Some(&good), body),
+            Err(Refused::NotConfigured)
+        );
+        assert_eq!(
+            verify_github(Some(b""), Some(&good), body),
+            Err(Refused::NotConfigured)
+        );
+    }
+
+    #[test]
+    fn gitlab_tokens_are_checked() {
+        assert_eq!(verify_gitlab(Some(b"tok"), Some("tok")), Ok(()));
+        assert_eq!(
+            verify_gitlab(Some(b"tok"), Some("tok2")),
+            Err(Refused::BadSignature)
+        );
+        assert_eq!(
+            verify_gitlab(Some(b"tok"), None),
+            Err(Refused::MissingSignature)
+        );
+        assert_eq!(
+            verify_gitlab(None, Some("tok")),
+            Err(Refused::NotConfigured)
+        );
+    }
+
+    #[test]
+    fn events_parse_without_panicking_on_odd_bodies() {
+        assert_eq!(
+            parse(Provider::GitHub, "push", br#"{"ref":"refs/heads/main"}"#),
+            Event::Push {
+                branch: Some("main".into())
+            }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "push", br#"{"ref":"refs/tags/v1"}"#),
+            Event::Push { branch: None }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "push", br#"{"ref":42}"#),
+            Event::Push { branch: None }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "push", b"not json"),
+            Event::Push { branch: None }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "pull_request", br#"{"number":7}"#),
+            Event::PullRequest { number: 7 }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "pull_request", br#"{"number":"7"}"#),
+            Event::Other("pull_request".into())
+        );
+        assert_eq!(
+            parse(
+                Provider::GitLab,
+                "Merge Request Hook",
+                br#"{"object_attributes":{"iid":3}}"#
+            ),
+            Event::PullRequest { number: 3 }
+        );
+        assert_eq!(
+            parse(
+                Provider::GitLab,
+                "Push Hook",
+                br#"{"ref":"refs/heads/dev"}"#
+            ),
+            Event::Push {
+                branch: Some("dev".into())
+            }
+        );
+        assert_eq!(
+            parse(Provider::GitHub, "ping", b"{}"),
+            Event::Other("ping".into())
+        );
+    }
+}

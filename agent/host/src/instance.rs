@@ -1,0 +1,273 @@
+//! Process instances: launching a detached supervisor shim per replica,
+//! finding them again after an agent restart, and stopping them.
+//!
+//! # Guarantees
+//! - Adoption is pid-reuse safe: an instance is alive only if its recorded
+//!   shim pid exists, is not a zombie, and has the recorded start time.
+//! - Stopping is graceful and whole: SIGTERM to the process group, a grace
+//!   period, then SIGKILL to the group; then the records go. Idempotent.
+//!
+//! # Caveats
+//! Linux only (reads /proc).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Everything the shim needs to run one replica. Written by the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub key: String,
+    /// Name of the Process resource.
+    pub resource: String,
+    pub version: String,
+    pub replica: u32,
+    pub port: u16,
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    pub restart: Restart,
+    pub stop_timeout_ms: u64,
+    /// The desired body this instance runs (what observe reports).
+    pub body: Value,
+    /// Digest of `body`: instances of one resource with another digest are
+    /// from another release.
+    pub digest: String,
+    /// How readiness is checked.
+    pub readiness: Probe,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Restart {
+    pub policy: RestartPolicy,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    Http(String),
+    Tcp,
+    /// No check: ready while the process is up.
+    Alive,
+}
+
+/// Written by the shim.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub shim_pid: u32,
+    /// Clock ticks since boot (/proc/<pid>/stat field 22).
+    pub shim_start: u64,
+    pub child_pid: Option<u32>,
+    pub child_start: Option<u64>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    /// starting | running | backoff | exited | stopping
+    pub phase: String,
+}
+
+/// An instance found on disk, with its liveness checked.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub spec: LaunchSpec,
+    pub state: Option<InstanceState>,
+    pub alive: bool,
+}
+
+impl Instance {
+    pub fn child_running(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| {
+            s.phase == "running"
+                && s.child_pid
+                    .zip(s.child_start)
+                    .is_some_and(|(p, t)| alive(p, t))
+        })
+    }
+}
+
+/// The instances of one host target, under `<state_dir>/instances`.
+#[derive(Clone, Debug)]
+pub struct Supervisor {
+    dir: PathBuf,
+    logs: PathBuf,
+    exe: PathBuf,
+}
+
+impl Supervisor {
+    pub fn new(state_dir: &Path, exe: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join("instances");
+        let logs = state_dir.join("logs");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&logs)?;
+        Ok(Supervisor {
+            dir,
+            logs,
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    pub fn log_path(&self, key: &str) -> PathBuf {
+        self.logs.join(format!("{key}.log"))
+    }
+
+    /// Every instance on record, alive or not.
+    pub fn list(&self) -> Vec<Instance> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !name.ends_with(".json") || name.ends_with(".state.json") {
+                continue;
+            }
+            let Ok(spec) = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<LaunchSpec>(&b).map_err(|e| e.to_string()))
+            else {
+                continue;
+            };
+            let state: Option<InstanceState> = std::fs::read(path.with_extension("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let alive = state
+                .as_ref()
+                .is_some_and(|s| alive(s.shim_pid, s.shim_start));
+            out.push(Instance { spec, state, alive });
+        }
+        out.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
+        out
+    }
+
+    /// Starts the shim for `spec`, detached, and waits (briefly) for it to
+    /// record itself. Idempotent: an alive instance with this key is kept.
+    pub async fn start(&self, spec: &LaunchSpec) -> Result<(), String> {
+        if let Some(i) = self.list().into_iter().find(|i| i.spec.key == spec.key) {
+            if i.alive {
+                return Ok(());
+            }
+            self.stop(&i).await;
+        }
+        let spec_path = self.dir.join(format!("{}.json", spec.key));
+        let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
+        write_json(&spec_path, spec)
+            .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&spec.key))
+            .map_err(|e| format!("opening the log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        // A new process group, no terminal, output to the log; the child
+        // handle is dropped (tokio reaps it if it exits while we run).
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("supervise")
+            .arg("--spec")
+            .arg(&spec_path)
+            .process_group(0)
+            .current_dir(&spec.cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("starting the supervisor ({}): {e}", self.exe.display()))?;
+        drop(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(i) = self.list().into_iter().find(|i| i.spec.key == spec.key) {
+                if i.alive && i.state.as_ref().is_some_and(|s| s.phase != "starting") {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(format!(
+            "the supervisor of {} did not start within 5s (see {})",
+            spec.key,
+            self.log_path(&spec.key).display()
+        ))
+    }
+
+    /// SIGTERM to the group, wait up to the stop timeout, SIGKILL the group,
+    /// remove the records. Idempotent.
+    pub async fn stop(&self, i: &Instance) {
+        if let Some(s) = &i.state {
+            let group = Pid::from_raw(s.shim_pid as i32);
+            let child_alive = || {
+                s.child_pid
+                    .zip(s.child_start)
+                    .is_some_and(|(p, t)| alive(p, t))
+            };
+            if i.alive || child_alive() {
+                let _ = killpg(group, Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_millis(i.spec.stop_timeout_ms);
+                while Instant::now() < deadline
+                    && (alive(s.shim_pid, s.shim_start) || child_alive())
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = killpg(group, Signal::SIGKILL);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < deadline
+                    && (alive(s.shim_pid, s.shim_start) || child_alive())
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        let spec_path = self.dir.join(format!("{}.json", i.spec.key));
+        let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
+        let _ = std::fs::remove_file(&spec_path);
+    }
+}
+
+/// Whether `pid` runs, is not a zombie, and started at `start` ticks.
+pub fn alive(pid: u32, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is field 3 (state); field 22 is fields[19].
+    fields.first().is_some_and(|s| *s != "Z" && *s != "X")
+        && fields.get(19).and_then(|f| f.parse::<u64>().ok()) == Some(start)
+}
+
+/// Start time of `pid` in clock ticks since boot.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Writes JSON atomically: temp file, fsync, rename.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! sluice's host target: supervised processes, files, routes and artifacts
+//! on the machine the agent runs on.
+#![forbid(unsafe_code)]
+
+pub mod instance;
+pub mod supervise;
+mod target;
+
+pub use target::{HostConfig, HostTarget};

@@ -1,0 +1,958 @@
+//! The host target: Processes (supervised replicas), Files (atomic writes
+//! under a file root), Routes (through the router process) and artifacts
+//! (verified by sha256, cached by digest) on the machine the agent runs on.
+//!
+//! # On-disk layout (under the target's state dir)
+//! - `instances/<key>.json`, `<key>.state.json`: one per replica (agent and
+//!   shim records); `logs/<key>.log`: its output.
+//! - `resources.json`: the body last applied per resource (Files and Routes
+//!   are observed against it; Processes record it per instance).
+//! - `router.json`: the router's persisted routes; `artifacts/<sha256>`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sluice_core::model::{
+    FileSpec, ProcessSpec, RestartPolicy as Policy, RouteSpec, Strategy, TargetKind,
+};
+use sluice_core::resource::{digest_of, DesiredResource, Health, LiveResource, ResourceId};
+use sluice_core::target::{Target, TargetError};
+use sluice_router::{AdminClient, Backend, RouteConfig, RouterConfig};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::instance::{
+    write_json, Instance, LaunchSpec, Probe, Restart, RestartPolicy, Supervisor,
+};
+
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Target name from sluice.yaml.
+    pub name: String,
+    /// This target's private folder.
+    pub state_dir: PathBuf,
+    /// File resources live under here, and nothing outside.
+    pub file_root: PathBuf,
+    /// The sluice binary (for `sluice supervise` and `sluice router`).
+    pub exe: PathBuf,
+    pub port_range: RangeInclusive<u16>,
+    /// Searched before PATH for a command without a slash.
+    pub extra_path: Vec<PathBuf>,
+}
+
+pub struct HostTarget {
+    cfg: HostConfig,
+    sup: Supervisor,
+    /// One change at a time on this target (the engine applies serially;
+    /// this guards against a concurrent status probe racing a stop).
+    lock: Mutex<()>,
+    http: reqwest::Client,
+}
+
+const ROUTER_KEY: &str = "router";
+
+impl HostTarget {
+    pub fn new(cfg: HostConfig) -> Result<Self, TargetError> {
+        let unavailable = |e: std::io::Error| TargetError::Unavailable {
+            target: cfg.name.clone(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&cfg.state_dir).map_err(unavailable)?;
+        std::fs::create_dir_all(&cfg.file_root).map_err(unavailable)?;
+        std::fs::create_dir_all(cfg.state_dir.join("artifacts")).map_err(unavailable)?;
+        let sup = Supervisor::new(&cfg.state_dir, &cfg.exe).map_err(unavailable)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(800))
+            .no_proxy()
+            .build()
+            .map_err(|e| TargetError::Unavailable {
+                target: cfg.name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(HostTarget {
+            cfg,
+            sup,
+            lock: Mutex::new(()),
+            http,
+        })
+    }
+
+    /// Every replica on record, for `sluice status` and tests.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.sup.list()
+    }
+
+    fn resources_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("resources.json")
+    }
+
+    fn records(&self) -> BTreeMap<String, Value> {
+        std::fs::read(self.resources_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_records(&self, records: &BTreeMap<String, Value>) -> Result<(), TargetError> {
+        write_json(&self.resources_path(), records).map_err(|e| TargetError::Apply {
+            id: self.cfg.name.clone(),
+            reason: format!("recording resources: {e}"),
+        })
+    }
+
+    fn record_key(id: &ResourceId) -> String {
+        format!("{}/{}", id.kind, id.name)
+    }
+
+    /// The file a File resource lives at, refusing anything that could
+    /// leave the file root (absolute, `..`, a symlinked folder pointing out).
+    fn file_path(&self, id: &ResourceId, rel: &str) -> Result<PathBuf, TargetError> {
+        let invalid = |reason: String| TargetError::Invalid {
+            id: id.to_string(),
+            reason,
+        };
+        let rel_path = Path::new(rel);
+        if rel_path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(invalid(format!(
+                "spec.path {rel:?} must stay inside the file root"
+            )));
+        }
+        let full = self.cfg.file_root.join(rel_path);
+        let root =
+            std::fs::canonicalize(&self.cfg.file_root).map_err(|e| invalid(e.to_string()))?;
+        let mut dir = full.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Walk up to the deepest existing folder and check it stays inside.
+        while !dir.exists() {
+            match dir.parent() {
+                Some(p) => dir = p.to_path_buf(),
+                None => break,
+            }
+        }
+        let real = std::fs::canonicalize(&dir).map_err(|e| invalid(e.to_string()))?;
+        if !real.starts_with(&root) {
+            return Err(invalid(format!(
+                "spec.path {rel:?} leads outside the file root through a symbolic link"
+            )));
+        }
+        if full.is_symlink() {
+            return Err(invalid(format!(
+                "spec.path {rel:?} is a symbolic link; refused"
+            )));
+        }
+        Ok(full)
+    }
+
+    fn resolve_command(&self, id: &ResourceId, command: &str) -> Result<PathBuf, TargetError> {
+        if command.contains('/') {
+            let p = PathBuf::from(command);
+            let p = if p.is_absolute() {
+                p
+            } else {
+                self.cfg.file_root.join(p)
+            };
+            return Ok(p);
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = self
+            .cfg
+            .extra_path
+            .iter()
+            .cloned()
+            .chain(std::env::split_paths(&path));
+        for d in dirs {
+            let c = d.join(command);
+            if c.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            {
+                return Ok(c);
+            }
+        }
+        Err(TargetError::Invalid {
+            id: id.to_string(),
+            reason: format!("spec.command {command:?} not found next to sluice or in PATH"),
+        })
+    }
+
+    fn allocate_port(&self, taken: &mut Vec<u16>) -> Option<u16> {
+        let used: Vec<u16> = self
+            .sup
+            .list()
+            .iter()
+            .filter(|i| i.alive)
+            .map(|i| i.spec.port)
+            .collect();
+        let span =
+            (*self.cfg.port_range.end() as u32 - *self.cfg.port_range.start() as u32 + 1).max(1);
+        let seed = std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0));
+        for i in 0..span {
+            let port = (*self.cfg.port_range.start() as u32 + (seed.wrapping_add(i) % span)) as u16;
+            if used.contains(&port) || taken.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                taken.push(port);
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn artifact_path(&self, sha: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("artifacts")
+            .join(sha.to_ascii_lowercase())
+    }
+
+    /// Builds the launch specs of a Process's desired replicas.
+    fn launch_specs(
+        &self,
+        r: &DesiredResource,
+        spec: &ProcessSpec,
+    ) -> Result<Vec<LaunchSpec>, TargetError> {
+        let digest = digest_of(&r.body);
+        let short = digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(8)
+            .collect::<String>();
+        let command = self.resolve_command(&r.id, &spec.command)?;
+        let cwd = match &spec.working_dir {
+            Some(d) => self.file_path(&r.id, d)?,
+            None => self.cfg.file_root.clone(),
+        };
+        std::fs::create_dir_all(&cwd).map_err(|e| TargetError::Apply {
+            id: r.id.to_string(),
+            reason: format!("working dir: {e}"),
+        })?;
+        let existing: BTreeMap<String, u16> = self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|i| i.alive)
+            .map(|i| (i.spec.key, i.spec.port))
+            .collect();
+        let mut taken = Vec::new();
+        let mut out = Vec::new();
+        for replica in 0..spec.replicas {
+            let key = sanitize(&format!(
+                "{}-{}-{}-{}",
+                r.id.name, spec.version, short, replica
+            ));
+            let port = match (spec.port, existing.get(&key)) {
+                (_, Some(p)) => *p,
+                (Some(p), None) => p,
+                (None, None) => {
+                    self.allocate_port(&mut taken)
+                        .ok_or_else(|| TargetError::Apply {
+                            id: r.id.to_string(),
+                            reason: "no free port in the configured range".into(),
+                        })?
+                }
+            };
+            let subst = |s: &str| {
+                let mut s = s
+                    .replace("${PORT}", &port.to_string())
+                    .replace("${VERSION}", &spec.version)
+                    .replace("${REPLICA}", &replica.to_string());
+                for a in &spec.artifacts {
+                    s = s.replace(
+                        &format!("${{artifact.{}}}", a.name),
+                        &self.artifact_path(&a.sha256).display().to_string(),
+                    );
+                }
+                s
+            };
+            // The agent's own settings (tokens included) never reach services.
+            let mut env: BTreeMap<String, String> = std::env::vars()
+                .filter(|(k, _)| !k.starts_with("SLUICE_"))
+                .collect();
+            env.extend(spec.env.iter().map(|(k, v)| (k.clone(), subst(v))));
+            env.insert("PORT".into(), port.to_string());
+            let command = if spec.command.contains("${") {
+                PathBuf::from(subst(&spec.command))
+            } else {
+                command.clone()
+            };
+            out.push(LaunchSpec {
+                key,
+                resource: r.id.name.clone(),
+                version: spec.version.clone(),
+                replica,
+                port,
+                command,
+                args: spec.args.iter().map(|a| subst(a)).collect(),
+                env,
+                cwd: cwd.clone(),
+                restart: Restart {
+                    policy: match spec.restart.policy {
+                        Policy::Always => RestartPolicy::Always,
+                        Policy::OnFailure => RestartPolicy::OnFailure,
+                        Policy::Never => RestartPolicy::Never,
+                    },
+                    initial_backoff_ms: spec.restart.initial_backoff.as_millis() as u64,
+                    max_backoff_ms: spec.restart.max_backoff.as_millis() as u64,
+                },
+                stop_timeout_ms: spec.stop_timeout.as_millis() as u64,
+                body: r.body.clone(),
+                digest: digest.clone(),
+                readiness: match &spec.readiness {
+                    Some(rd) => match &rd.http {
+                        Some(p) => Probe::Http(p.clone()),
+                        None => Probe::Tcp,
+                    },
+                    None => Probe::Alive,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ready(&self, i: &Instance) -> bool {
+        if !i.alive || !i.child_running() {
+            return false;
+        }
+        match &i.spec.readiness {
+            Probe::Alive => true,
+            Probe::Tcp => tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(("127.0.0.1", i.spec.port)),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok()),
+            Probe::Http(path) => self
+                .http
+                .get(format!("http://127.0.0.1:{}{}", i.spec.port, path))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+        }
+    }
+
+    async fn apply_process(&self, r: &DesiredResource) -> Result<(), TargetError> {
+        let spec: ProcessSpec = spec_of(r)?;
+        let wanted = self.launch_specs(r, &spec)?;
+        let all = self.sup.list();
+        let mine: Vec<Instance> = all
+            .into_iter()
+            .filter(|i| i.spec.resource == r.id.name)
+            .collect();
+        let wanted_keys: Vec<&str> = wanted.iter().map(|w| w.key.as_str()).collect();
+        let up: Vec<&str> = mine
+            .iter()
+            .filter(|i| i.alive)
+            .map(|i| i.spec.key.as_str())
+            .collect();
+        let old: Vec<&Instance> = mine
+            .iter()
+            .filter(|i| !wanted_keys.contains(&i.spec.key.as_str()))
+            .collect();
+        if wanted_keys.iter().all(|k| up.contains(k)) && old.is_empty() {
+            self.record(r)?;
+            return Ok(());
+        }
+        if r.strategy == Strategy::Recreate {
+            for i in &old {
+                self.sup.stop(i).await;
+            }
+        }
+        let started_at = Instant::now();
+        for w in &wanted {
+            self.sup
+                .start(w)
+                .await
+                .map_err(|reason| TargetError::Apply {
+                    id: r.id.to_string(),
+                    reason,
+                })?;
+        }
+        info!(target = %self.cfg.name, resource = %r.id.name, version = %spec.version, replicas = spec.replicas, "instances started; waiting for readiness");
+        let timeout = spec
+            .readiness
+            .as_ref()
+            .map(|r| r.timeout)
+            .unwrap_or(Duration::from_secs(5));
+        let period = spec
+            .readiness
+            .as_ref()
+            .map(|r| r.period)
+            .unwrap_or(Duration::from_millis(200));
+        // Without a readiness check, a process must at least stay up a moment.
+        if spec.readiness.is_none() {
+            tokio::time::sleep(period).await;
+        }
+        loop {
+            let now: Vec<Instance> = self
+                .sup
+                .list()
+                .into_iter()
+                .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
+                .collect();
+            let mut all_ready = now.len() == wanted.len();
+            let mut not_ready = None;
+            for i in &now {
+                if !self.ready(i).await {
+                    all_ready = false;
+                    not_ready = Some(i.clone());
+                    break;
+                }
+            }
+            if all_ready {
+                break;
+            }
+            if started_at.elapsed() >= timeout {
+                let detail = match &not_ready {
+                    Some(i) => {
+                        let state = i.state.clone().unwrap_or_default();
+                        format!(
+                            "{} not ready after {}s ({}; restarts {}, last exit {}); last log lines: {}",
+                            i.spec.key,
+                            timeout.as_secs(),
+                            match &i.spec.readiness {
+                                Probe::Http(p) => format!("GET {p} on port {} did not answer 2xx", i.spec.port),
+                                Probe::Tcp => format!("port {} refused connections", i.spec.port),
+                                Probe::Alive => "process not running".into(),
+                            },
+                            state.restarts,
+                            state.last_exit.as_deref().unwrap_or("none"),
+                            tail(&self.sup.log_path(&i.spec.key), 3)
+                        )
+                    }
+                    None => "an instance disappeared while starting".into(),
+                };
+                // Keep the old instances serving; drop the new ones.
+                for i in self
+                    .sup
+                    .list()
+                    .into_iter()
+                    .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
+                {
+                    if !up.contains(&i.spec.key.as_str()) {
+                        self.sup.stop(&i).await;
+                    }
+                }
+                return Err(TargetError::Apply {
+                    id: r.id.to_string(),
+                    reason: detail,
+                });
+            }
+            tokio::time::sleep(period).await;
+        }
+        self.record(r)?;
+        self.sync_routes().await?;
+        for i in &old {
+            self.sup.stop(i).await;
+        }
+        info!(target = %self.cfg.name, resource = %r.id.name, version = %spec.version, ms = started_at.elapsed().as_millis() as u64, "process ready");
+        Ok(())
+    }
+
+    fn record(&self, r: &DesiredResource) -> Result<(), TargetError> {
+        let mut records = self.records();
+        records.insert(Self::record_key(&r.id), r.body.clone());
+        self.save_records(&records)
+    }
+
+    fn forget(&self, id: &ResourceId) -> Result<(), TargetError> {
+        let mut records = self.records();
+        if records.remove(&Self::record_key(id)).is_some() {
+            self.save_records(&records)?;
+        }
+        Ok(())
+    }
+
+    /// The router's admin address, starting the router if it is not up.
+    async fn router(&self) -> Result<AdminClient, TargetError> {
+        let err = |reason: String| TargetError::Apply {
+            id: format!("{}/router", self.cfg.name),
+            reason,
+        };
+        if let Some(i) = self
+            .sup
+            .list()
+            .into_iter()
+            .find(|i| i.spec.key == ROUTER_KEY && i.alive)
+        {
+            let client = AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if client.healthy().await {
+                    return Ok(client);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return Err(err(format!(
+                "the router (port {}) does not answer",
+                i.spec.port
+            )));
+        }
+        let port = self
+            .allocate_port(&mut Vec::new())
+            .ok_or_else(|| err("no free port for the router".into()))?;
+        let config = self.cfg.state_dir.join("router.json");
+        let spec = LaunchSpec {
+            key: ROUTER_KEY.into(),
+            resource: String::new(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            replica: 0,
+            port,
+            command: self.cfg.exe.clone(),
+            args: vec![
+                "router".into(),
+                "--admin".into(),
+                format!("127.0.0.1:{port}"),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            env: std::env::vars()
+                .filter(|(k, _)| !k.starts_with("SLUICE_") || k == "SLUICE_LOG")
+                .collect(),
+            cwd: self.cfg.state_dir.clone(),
+            restart: Restart {
+                policy: RestartPolicy::Always,
+                initial_backoff_ms: 100,
+                max_backoff_ms: 5000,
+            },
+            stop_timeout_ms: 5000,
+            body: Value::Null,
+            digest: String::new(),
+            readiness: Probe::Tcp,
+        };
+        self.sup.start(&spec).await.map_err(err)?;
+        let client = AdminClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if client.healthy().await {
+                info!(target = %self.cfg.name, port, "router started");
+                return Ok(client);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(err("the router did not come up within 10s".into()))
+    }
+
+    /// Points every Route at the current replicas of its Process: those
+    /// running the body last recorded for that Process.
+    async fn sync_routes(&self) -> Result<(), TargetError> {
+        let records = self.records();
+        let routes: Vec<(String, RouteSpec)> = records
+            .iter()
+            .filter(|(k, _)| k.starts_with("Route/"))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.trim_start_matches("Route/").to_string(),
+                    serde_json::from_value(v.get("spec")?.clone()).ok()?,
+                ))
+            })
+            .collect();
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let instances = self.sup.list();
+        let mut cfg = RouterConfig::default();
+        for (name, spec) in routes {
+            let active = records
+                .get(&format!("Process/{}", spec.process))
+                .map(digest_of);
+            let backends = instances
+                .iter()
+                .filter(|i| {
+                    i.alive
+                        && i.spec.resource == spec.process
+                        && Some(&i.spec.digest) == active.as_ref()
+                })
+                .map(|i| Backend {
+                    id: i.spec.key.clone(),
+                    version: i.spec.version.clone(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], i.spec.port)),
+                    weight: 1,
+                })
+                .collect();
+            let listen = spec.listen.parse().map_err(|_| TargetError::Invalid {
+                id: format!("{}/Route/{name}", self.cfg.name),
+                reason: "spec.listen is not an address".into(),
+            })?;
+            cfg.routes.insert(name, RouteConfig { listen, backends });
+        }
+        let router = self.router().await?;
+        router.put(&cfg).await.map_err(|e| TargetError::Apply {
+            id: format!("{}/router", self.cfg.name),
+            reason: e.to_string(),
+        })
+    }
+
+    async fn observe_one(
+        &self,
+        id: &ResourceId,
+        records: &BTreeMap<String, Value>,
+        instances: &[Instance],
+        routes: &Option<RouterConfig>,
+    ) -> Option<LiveResource> {
+        match id.kind.as_str() {
+            "Process" => {
+                let mine: Vec<&Instance> = instances
+                    .iter()
+                    .filter(|i| i.alive && i.spec.resource == id.name)
+                    .collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                let active = records.get(&Self::record_key(id)).map(digest_of);
+                let current: Vec<&Instance> = match &active {
+                    Some(d) if mine.iter().any(|i| &i.spec.digest == d) => mine
+                        .iter()
+                        .copied()
+                        .filter(|i| &i.spec.digest == d)
+                        .collect(),
+                    _ => mine.clone(),
+                };
+                let body = current[0].spec.body.clone();
+                let want: u32 = body["spec"]["replicas"].as_u64().unwrap_or(1) as u32;
+                let mut ready = 0;
+                for i in &current {
+                    if self.ready(i).await {
+                        ready += 1;
+                    }
+                }
+                let restarts: u32 = current
+                    .iter()
+                    .filter_map(|i| i.state.as_ref())
+                    .map(|s| s.restarts)
+                    .sum();
+                let crashing = current.iter().any(|i| {
+                    i.state
+                        .as_ref()
+                        .is_some_and(|s| s.phase == "backoff" || s.phase == "exited")
+                });
+                let health = if ready >= want && current.len() as u32 >= want {
+                    Health::Healthy
+                } else if crashing || restarts > 0 {
+                    Health::Degraded
+                } else {
+                    Health::Progressing
+                };
+                Some(LiveResource {
+                    id: id.clone(),
+                    body,
+                    health,
+                    message: Some(format!(
+                        "{ready}/{want} ready, version {}, restarts {restarts}",
+                        current[0].spec.version
+                    )),
+                })
+            }
+            "File" => {
+                let recorded = records.get(&Self::record_key(id))?;
+                let spec: FileSpec = serde_json::from_value(recorded.get("spec")?.clone()).ok()?;
+                let path = self.file_path(id, &spec.path).ok()?;
+                let meta = std::fs::symlink_metadata(&path).ok()?;
+                let content = std::fs::read(&path).ok()?;
+                let mut body = recorded.clone();
+                body["spec"]["content"] = json!(String::from_utf8_lossy(&content));
+                body["spec"]["mode"] = json!(format!("{:04o}", meta.permissions().mode() & 0o7777));
+                Some(LiveResource {
+                    id: id.clone(),
+                    body,
+                    health: Health::Healthy,
+                    message: None,
+                })
+            }
+            "Route" => {
+                let recorded = records.get(&Self::record_key(id))?;
+                let (health, message) = match routes {
+                    None => (Health::Degraded, "router not answering".to_string()),
+                    Some(cfg) => match cfg.routes.get(&id.name) {
+                        Some(r) if r.backends.iter().any(|b| b.weight > 0) => (
+                            Health::Healthy,
+                            format!("{} → {} backend(s)", r.listen, r.backends.len()),
+                        ),
+                        Some(_) => (Health::Degraded, "no backend".into()),
+                        None => (Health::Missing, "not configured in the router".into()),
+                    },
+                };
+                Some(LiveResource {
+                    id: id.clone(),
+                    body: recorded.clone(),
+                    health,
+                    message: Some(message),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Target for HostTarget {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn kind(&self) -> TargetKind {
+        TargetKind::Host
+    }
+
+    async fn observe(
+        &self,
+        ids: &[ResourceId],
+    ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
+        let records = self.records();
+        let instances = self.sup.list();
+        let routes = if ids.iter().any(|i| i.kind == "Route") {
+            match instances
+                .iter()
+                .find(|i| i.spec.key == ROUTER_KEY && i.alive)
+            {
+                Some(i) => AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)))
+                    .get()
+                    .await
+                    .ok(),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let mut out = BTreeMap::new();
+        for id in ids {
+            if id.target != self.cfg.name {
+                continue;
+            }
+            if let Some(l) = self.observe_one(id, &records, &instances, &routes).await {
+                out.insert(id.clone(), l);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn prepare(&self, resources: &[&DesiredResource]) -> Result<(), TargetError> {
+        for r in resources.iter().filter(|r| r.id.kind == "Process") {
+            let spec: ProcessSpec = spec_of(r)?;
+            for a in &spec.artifacts {
+                let dest = self.artifact_path(&a.sha256);
+                if dest.exists() {
+                    continue;
+                }
+                let perr = |reason: String| TargetError::Prepare {
+                    id: format!("{} artifact {}", r.id, a.name),
+                    reason,
+                };
+                let bytes: Vec<u8> = if let Some(b) = r.blobs.get(&a.sha256.to_ascii_lowercase()) {
+                    b.as_ref().clone()
+                } else if let Some(url) = &a.url {
+                    fetch(&self.http, url).await.map_err(perr)?
+                } else {
+                    return Err(perr("no content (neither url nor repository path)".into()));
+                };
+                let actual = hex::encode(Sha256::digest(&bytes));
+                if !actual.eq_ignore_ascii_case(&a.sha256) {
+                    return Err(perr(format!("sha256 mismatch: expected {}, downloaded content has {actual}; nothing applied", a.sha256)));
+                }
+                let tmp = dest.with_extension("part");
+                std::fs::write(&tmp, &bytes).map_err(|e| perr(e.to_string()))?;
+                let mode = if a.executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| perr(e.to_string()))?;
+                std::fs::rename(&tmp, &dest).map_err(|e| perr(e.to_string()))?;
+                info!(target = %self.cfg.name, artifact = %a.name, sha256 = %a.sha256, "artifact cached");
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, r: &DesiredResource) -> Result<(), TargetError> {
+        let _guard = self.lock.lock().await;
+        match r.id.kind.as_str() {
+            "Process" => self.apply_process(r).await,
+            "File" => {
+                let spec: FileSpec = spec_of(r)?;
+                let path = self.file_path(&r.id, &spec.path)?;
+                let content = spec.content.unwrap_or_default();
+                let mode =
+                    u32::from_str_radix(spec.mode.trim_start_matches("0o"), 8).unwrap_or(0o644);
+                let same = std::fs::read(&path).is_ok_and(|c| c == content.as_bytes())
+                    && std::fs::metadata(&path)
+                        .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+                if !same {
+                    write_file(&path, content.as_bytes(), mode).map_err(|e| {
+                        TargetError::Apply {
+                            id: r.id.to_string(),
+                            reason: format!("writing {}: {e}", spec.path),
+                        }
+                    })?;
+                    info!(target = %self.cfg.name, file = %spec.path, "file written");
+                }
+                self.record(r)
+            }
+            "Route" => {
+                let _spec: RouteSpec = spec_of(r)?;
+                self.record(r)?;
+                self.sync_routes().await
+            }
+            other => Err(TargetError::Invalid {
+                id: r.id.to_string(),
+                reason: format!("kind {other} is not a host resource"),
+            }),
+        }
+    }
+
+    async fn delete(&self, id: &ResourceId) -> Result<(), TargetError> {
+        let _guard = self.lock.lock().await;
+        match id.kind.as_str() {
+            "Process" => {
+                for i in self
+                    .sup
+                    .list()
+                    .into_iter()
+                    .filter(|i| i.spec.resource == id.name)
+                {
+                    self.sup.stop(&i).await;
+                }
+                self.forget(id)?;
+                self.sync_routes().await.or_else(|e| {
+                    warn!(error = %e, "could not update the router after a delete");
+                    Ok(())
+                })
+            }
+            "File" => {
+                if let Some(body) = self.records().get(&Self::record_key(id)) {
+                    if let Some(rel) = body["spec"]["path"].as_str() {
+                        let path = self.file_path(id, rel)?;
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                return Err(TargetError::Delete {
+                                    id: id.to_string(),
+                                    reason: e.to_string(),
+                                })
+                            }
+                        }
+                    }
+                }
+                self.forget(id)
+            }
+            "Route" => {
+                self.forget(id)?;
+                let routes_left = self.records().keys().any(|k| k.starts_with("Route/"));
+                if routes_left {
+                    self.sync_routes().await
+                } else if let Some(i) = self
+                    .sup
+                    .list()
+                    .into_iter()
+                    .find(|i| i.spec.key == ROUTER_KEY && i.alive)
+                {
+                    // No routes left: an empty table, the router keeps running.
+                    AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)))
+                        .put(&RouterConfig::default())
+                        .await
+                        .map_err(|e| TargetError::Delete {
+                            id: id.to_string(),
+                            reason: e.to_string(),
+                        })
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn spec_of<T: serde::de::DeserializeOwned>(r: &DesiredResource) -> Result<T, TargetError> {
+    serde_json::from_value(r.body.get("spec").cloned().unwrap_or(Value::Null)).map_err(|e| {
+        TargetError::Invalid {
+            id: r.id.to_string(),
+            reason: format!("spec: {e}"),
+        }
+    })
+}
+
+/// Temp file in the same folder, fsync, chmod, rename, fsync the folder.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.sluice-tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Downloads an artifact (https, file://, or http to loopback), capped.
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+    const MAX: usize = 1 << 30;
+    if let Some(path) = url.strip_prefix("file://") {
+        return std::fs::read(path).map_err(|e| format!("reading {path}: {e}"));
+    }
+    let loopback = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+    if !url.starts_with("https://") && !loopback {
+        return Err("only https:// (or file://) artifact URLs are allowed".into());
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _ = http;
+    let mut resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("download answered {}", resp.status()));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| e.without_url().to_string())?
+    {
+        if out.len() + chunk.len() > MAX {
+            return Err("artifact larger than 1 GiB".into());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().rev().take(lines).collect();
+    v.into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" | ")
+        .chars()
+        .take(400)
+        .collect()
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

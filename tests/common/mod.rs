@@ -1,0 +1,459 @@
+//! Shared parts of the integration tests: a shop repository made with the
+//! real `git`, the real `sluice` binary, and process bookkeeping through
+//! /proc so every test can count, time and clean up what it started.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// Runs `git` in `dir` with a clean, deterministic configuration.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn all(&self) -> String {
+        format!(
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The three-service shop (catalog ← orders ← web) as a git repository,
+/// each service the demo app behind a route on its own free port.
+pub struct Shop {
+    pub tmp: tempfile::TempDir,
+    pub ports: BTreeMap<&'static str, u16>,
+}
+
+pub const SERVICES: [&str; 3] = ["catalog", "orders", "web"];
+
+impl Shop {
+    pub fn new(versions: &[&str; 3]) -> Shop {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ports: BTreeMap<&'static str, u16> =
+            SERVICES.iter().map(|s| (*s, free_port())).collect();
+        let shop = Shop { tmp, ports };
+        std::fs::create_dir_all(shop.repo()).unwrap();
+        git(&shop.repo(), &["init", "-q", "-b", "main"]);
+        shop.write(
+            "sluice.yaml",
+            "apiVersion: sluice.dev/v1\nkind: Topology\ndefaults:\n  gateTimeout: 20s\ntargets:\n  - name: local\n    type: host\nservices:\n  catalog:\n    path: services/catalog\n  orders:\n    path: services/orders\n    dependsOn: [catalog]\n  web:\n    path: services/web\n    dependsOn: [orders]\n",
+        );
+        for (i, s) in SERVICES.iter().enumerate() {
+            let upstream = match *s {
+                "orders" => format!(
+                    ", \"--upstream\", \"http://127.0.0.1:{}\"",
+                    shop.ports["catalog"]
+                ),
+                "web" => format!(
+                    ", \"--upstream\", \"http://127.0.0.1:{}\"",
+                    shop.ports["orders"]
+                ),
+                _ => String::new(),
+            };
+            shop.write(
+                &format!("services/{s}/{s}.yaml"),
+                &format!(
+                    "apiVersion: sluice.dev/v1\nkind: Process\nmetadata:\n  name: {s}\nspec:\n  command: {SLUICE}\n  args: [\"demo\", \"--name\", \"{s}\"{upstream}]\n  version: \"{}\"\n  env:\n    SERVICE_VERSION: \"${{VERSION}}\"\n  readiness:\n    http: /healthz\n    timeout: 5s\n  stopTimeout: 3s\n---\napiVersion: sluice.dev/v1\nkind: Route\nmetadata:\n  name: {s}\nspec:\n  listen: 127.0.0.1:{}\n  process: {s}\n",
+                    versions[i], shop.ports[s]
+                ),
+            );
+        }
+        shop.commit("shop");
+        shop
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.tmp.path().join("repo")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    pub fn file_root(&self) -> PathBuf {
+        self.tmp.path().join("files")
+    }
+
+    pub fn write(&self, rel: &str, content: &str) {
+        let p = self.repo().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    pub fn edit(&self, rel: &str, from: &str, to: &str) {
+        let p = self.repo().join(rel);
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(s.contains(from), "{rel} has no {from:?}");
+        std::fs::write(p, s.replacen(from, to, 1)).unwrap();
+    }
+
+    pub fn remove(&self, rel: &str) {
+        std::fs::remove_file(self.repo().join(rel)).unwrap();
+    }
+
+    pub fn symlink(&self, rel: &str, target: &str) {
+        std::os::unix::fs::symlink(target, self.repo().join(rel)).unwrap();
+    }
+
+    pub fn set_versions(&self, versions: &[&str; 3]) {
+        for (s, v) in SERVICES.iter().zip(versions) {
+            let rel = format!("services/{s}/{s}.yaml");
+            let p = self.repo().join(&rel);
+            let text = std::fs::read_to_string(&p).unwrap();
+            let out: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("  version:") {
+                        format!("  version: \"{v}\"")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(p, out.join("\n") + "\n").unwrap();
+        }
+    }
+
+    pub fn file_manifest(&self, name: &str, path: &str, content: &str) -> String {
+        format!("apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: {name}\nspec:\n  path: {path}\n  content: {content:?}\n")
+    }
+
+    /// Commits everything and returns the new head.
+    pub fn commit(&self, msg: &str) -> String {
+        git(&self.repo(), &["add", "-A"]);
+        git(&self.repo(), &["commit", "-q", "--allow-empty", "-m", msg]);
+        self.head()
+    }
+
+    pub fn head(&self) -> String {
+        git(&self.repo(), &["rev-parse", "HEAD"])
+    }
+
+    /// Back to `commit` as a new commit on top (history moves forward, as
+    /// in a real revert pull request).
+    pub fn reset_to(&self, commit: &str) {
+        git(&self.repo(), &["rm", "-rq", "--ignore-unmatch", "."]);
+        git(&self.repo(), &["checkout", commit, "--", "."]);
+        git(&self.repo(), &["clean", "-fdq"]);
+        self.commit(&format!("back to {}", &commit[..8]));
+    }
+
+    /// The flags every command gets.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--repo".into(),
+            self.repo().display().to_string(),
+            "--state-dir".into(),
+            self.state().display().to_string(),
+            "--file-root".into(),
+            self.file_root().display().to_string(),
+        ]
+    }
+
+    /// Runs one `sluice` command to completion (at most two minutes).
+    pub fn sluice(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(SLUICE);
+        cmd.arg(args[0]).args(self.flags()).args(&args[1..]);
+        run_with_timeout(cmd, Duration::from_secs(120))
+    }
+
+    pub fn get(&self, service: &str, path: &str) -> Result<(u16, String), String> {
+        http_get(self.ports[service], path)
+    }
+
+    pub fn get_json(&self, service: &str, path: &str) -> serde_json::Value {
+        let (code, body) = self
+            .get(service, path)
+            .unwrap_or_else(|e| panic!("GET {service}{path}: {e}"));
+        assert_eq!(code, 200, "GET {service}{path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {service}{path}: {e}: {body}"))
+    }
+
+    pub fn wait_version(&self, service: &str, version: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.get(service, "/") {
+                Ok((200, body)) if body.contains(&format!("\"version\":\"{version}\"")) => return,
+                Ok((code, body)) => last = format!("{code} {body}"),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{service} never served {version}; last answer: {last}\nagent state: {}",
+            std::fs::read_to_string(self.state().join("state.json")).unwrap_or_default()
+        );
+    }
+
+    /// The demo processes of this shop, by service name; panics on a
+    /// duplicate (two processes of one service).
+    pub fn service_pids(&self) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for p in procs() {
+            if !p.cwd.starts_with(self.tmp.path()) || !p.args.iter().any(|a| a == "demo") {
+                continue;
+            }
+            let Some(i) = p.args.iter().position(|a| a == "--name") else {
+                continue;
+            };
+            let name = p.args[i + 1].clone();
+            if let Some(other) = out.insert(name.clone(), p.pid) {
+                panic!("two processes of {name}: {other} and {}", p.pid);
+            }
+        }
+        out
+    }
+
+    pub fn service_start_times(&self) -> BTreeMap<String, u64> {
+        self.service_pids()
+            .into_iter()
+            .map(|(n, pid)| (n, start_time(pid)))
+            .collect()
+    }
+
+    pub fn router_pids(&self) -> Vec<u32> {
+        let state = self.state().display().to_string();
+        procs()
+            .into_iter()
+            .filter(|p| {
+                p.args.iter().any(|a| a == "router") && p.args.iter().any(|a| a.starts_with(&state))
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+impl Drop for Shop {
+    /// Kills every process group this shop started, even when a test failed.
+    fn drop(&mut self) {
+        let root = self.tmp.path().display().to_string();
+        for p in procs() {
+            let mine =
+                p.cwd.starts_with(self.tmp.path()) || p.args.iter().any(|a| a.contains(&root));
+            if mine && p.pid != std::process::id() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{}", p.pgid)])
+                    .status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", &p.pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// `sluice run` in the background.
+pub struct Agent {
+    child: Child,
+    pub port: u16,
+    head: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(shop: &Shop, interval: &str) -> Agent {
+        let port = free_port();
+        let log = shop.tmp.path().join(format!("agent-{port}.log"));
+        let child = Command::new(SLUICE)
+            .arg("run")
+            .args(shop.flags())
+            .args([
+                "--interval",
+                interval,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("sluice run");
+        Agent {
+            child,
+            port,
+            head: shop.head(),
+            log,
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.port, "/status")
+            .unwrap_or_else(|e| panic!("GET /status: {e}\n{}", self.log()));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent has applied the head it was started with and
+    /// nothing is in progress.
+    pub fn wait_idle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok((200, body)) = http_get(self.port, "/status") {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                if v["inProgress"].is_null()
+                    && v["targets"]["local"]["applied"]["commit"] == self.head.as_str()
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("agent never became idle on {}\n{}", self.head, self.log());
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1 with a short timeout.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .map_err(|e| e.to_string())?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.text().map_err(|e| e.to_string())?))
+}
+
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -2;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        code,
+        stdout: std::fs::read_to_string(o).unwrap_or_default(),
+        stderr: std::fs::read_to_string(e).unwrap_or_default(),
+    }
+}
+
+pub struct Proc {
+    pub pid: u32,
+    pub pgid: u32,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+}
+
+/// Every process this user can see.
+pub fn procs() -> Vec<Proc> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        let pgid = stat_field(pid, 5).unwrap_or(0) as u32;
+        out.push(Proc {
+            pid,
+            pgid,
+            args,
+            cwd,
+        });
+    }
+    out
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat.
+fn stat_field(pid: u32, n: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+/// Start time in clock ticks since boot.
+pub fn start_time(pid: u32) -> u64 {
+    stat_field(pid, 22).unwrap_or(0)
+}

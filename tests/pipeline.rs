@@ -1,0 +1,339 @@
+//! End to end on the host target, with real parts only: git repositories
+//! made by the test, the `sluice` binary, its supervisor, router and demo
+//! service as real processes, HTTP on 127.0.0.1.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::{Agent, Shop};
+
+#[test]
+fn apply_brings_the_shop_up_and_processes_outlive_the_agent() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let out = shop.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("Applied"), "{}", out.all());
+    // The one-shot apply has exited; the services keep serving.
+    let body = shop.get_json("web", "/");
+    assert_eq!(body["version"], "1.0.0", "{body}");
+    assert_eq!(shop.get_json("catalog", "/")["service"], "catalog");
+    let pids = shop.service_pids();
+    assert_eq!(pids.len(), 3, "{pids:?}");
+
+    // Applying the same commit again changes nothing.
+    let again = shop.sluice(&["apply"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(
+        again.stdout.contains("nothing to change"),
+        "{}",
+        again.all()
+    );
+    assert_eq!(shop.service_pids(), pids);
+
+    let status = shop.sluice(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+    let commit = shop.head();
+    assert_eq!(v["targets"]["local"]["applied"]["commit"], commit.as_str());
+    assert!(v["targets"]["local"]["applied"]["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    let healths: Vec<_> = v["resources"]["local"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["health"].as_str().unwrap().to_string())
+        .collect();
+    assert!(healths.iter().all(|h| h == "healthy"), "{healths:?}");
+    assert_eq!(v["history"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_new_commit_is_live_within_one_poll_in_dependency_order() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let agent = Agent::start(&shop, "1s");
+    shop.wait_version("web", "1.0.0", Duration::from_secs(60));
+    shop.set_versions(&["2.0.0"; 3]);
+    shop.commit("release 2.0.0");
+    shop.wait_version("web", "2.0.0", Duration::from_secs(30));
+    // Waves in dependency order, read from the processes' start times.
+    let started = shop.service_start_times();
+    assert!(
+        started["catalog"] < started["orders"] && started["orders"] < started["web"],
+        "{started:?}"
+    );
+    let status = agent.status();
+    assert_eq!(
+        status["targets"]["local"]["applied"]["commit"],
+        shop.head().as_str()
+    );
+}
+
+#[test]
+fn a_removed_resource_is_pruned_and_nothing_else() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.write(
+        "services/orders/extra.yaml",
+        &shop.file_manifest("extra", "extra.txt", "hello"),
+    );
+    shop.commit("add a file");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let extra = shop.file_root().join("local/extra.txt");
+    assert_eq!(std::fs::read_to_string(&extra).unwrap(), "hello");
+    // A file sluice did not create sits next to it.
+    let mine = shop.file_root().join("local/not-sluice.txt");
+    std::fs::write(&mine, "hand-made").unwrap();
+    shop.remove("services/orders/extra.yaml");
+    shop.commit("remove the file");
+    let out = shop.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("- local/File/extra"), "{}", out.all());
+    assert!(!extra.exists());
+    assert!(mine.exists());
+}
+
+#[test]
+fn bad_input_is_named_and_leaves_the_live_state_as_it_was() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let pids = shop.service_pids();
+    let good = shop.head();
+    let cases: Vec<(&str, Box<dyn Fn(&Shop)>, &[&str])> = vec![
+        (
+            "malformed yaml",
+            Box::new(|s| s.write("services/web/web.yaml", "apiVersion: [\n")),
+            &["services/web/web.yaml:"],
+        ),
+        (
+            "unknown field",
+            Box::new(|s| s.edit("services/web/web.yaml", "readiness:", "readyness:")),
+            &["services/web/web.yaml", "readyness"],
+        ),
+        (
+            "missing path",
+            Box::new(|s| {
+                s.edit(
+                    "sluice.yaml",
+                    "path: services/web",
+                    "path: services/nowhere",
+                )
+            }),
+            &["sluice.yaml", "services.web.path", "nowhere"],
+        ),
+        (
+            "unknown dependency",
+            Box::new(|s| {
+                s.edit(
+                    "sluice.yaml",
+                    "dependsOn: [orders]",
+                    "dependsOn: [payments]",
+                )
+            }),
+            &["sluice.yaml", "services.web.dependsOn", "payments"],
+        ),
+        (
+            "dependency cycle",
+            Box::new(|s| {
+                s.edit(
+                    "sluice.yaml",
+                    "path: services/catalog",
+                    "path: services/catalog\n    dependsOn: [web]",
+                )
+            }),
+            &["cycle"],
+        ),
+        (
+            "symlink outside",
+            Box::new(|s| s.symlink("services/web/passwd.yaml", "/etc/passwd")),
+            &["services/web/passwd.yaml", "symbolic link"],
+        ),
+        (
+            "symlink to another service",
+            Box::new(|s| s.symlink("services/web/stolen.yaml", "../orders/orders.yaml")),
+            &["services/web/stolen.yaml", "symbolic link"],
+        ),
+        (
+            "dot-dot path",
+            Box::new(|s| s.edit("sluice.yaml", "path: services/web", "path: ../../etc")),
+            &["services.web.path"],
+        ),
+    ];
+    for (name, break_it, expect) in cases {
+        break_it(&shop);
+        shop.commit(name);
+        let out = shop.sluice(&["apply"]);
+        assert_eq!(out.code, 2, "{name}: {}", out.all());
+        for e in expect {
+            assert!(
+                out.stderr.contains(e),
+                "{name}: expected {e:?} in: {}",
+                out.stderr
+            );
+        }
+        assert!(
+            !out.all().contains("root:x:0:0"),
+            "{name}: leaked /etc/passwd"
+        );
+        assert_eq!(shop.service_pids(), pids, "{name}: live processes changed");
+        assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+        let status = shop.sluice(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert_eq!(
+            v["targets"]["local"]["applied"]["commit"],
+            good.as_str(),
+            "{name}"
+        );
+        assert!(
+            v["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains(expect[0])),
+            "{name}: {v}"
+        );
+        shop.reset_to(&good);
+    }
+}
+
+#[test]
+fn kill_9_of_the_agent_and_a_restart_adopt_the_running_processes() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let agent = Agent::start(&shop, "1s");
+    shop.wait_version("web", "1.0.0", Duration::from_secs(60));
+    agent.wait_idle();
+    let pids = shop.service_pids();
+    let routers = shop.router_pids();
+    assert_eq!(routers.len(), 1, "{routers:?}");
+    agent.kill9();
+    // Traffic keeps flowing with no agent at all.
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+    let agent = Agent::start(&shop, "1s");
+    agent.wait_idle();
+    assert_eq!(
+        shop.service_pids(),
+        pids,
+        "a restart must adopt, not restart"
+    );
+    assert_eq!(shop.router_pids(), routers);
+    // And it still rolls forward.
+    shop.set_versions(&["1.0.0", "1.0.0", "1.1.0"]);
+    shop.commit("web 1.1.0");
+    shop.wait_version("web", "1.1.0", Duration::from_secs(30));
+    assert_eq!(shop.service_pids().len(), 3, "no duplicates after the roll");
+}
+
+#[test]
+fn a_bad_release_in_wave_2_reverts_wave_1_and_never_touches_wave_3() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let web_pid = shop.service_pids()["web"];
+    shop.set_versions(&["2.0.0"; 3]);
+    shop.edit(
+        "services/orders/orders.yaml",
+        "\"demo\",",
+        "\"demo\", \"--never-ready\",",
+    );
+    let bad = shop.commit("bad orders");
+    let out = shop.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("FAILED") && out.stdout.contains("Reverted"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(shop.get_json("catalog", "/")["version"], "1.0.0");
+    assert_eq!(shop.get_json("orders", "/")["version"], "1.0.0");
+    assert_eq!(shop.service_pids()["web"], web_pid, "wave 3 was touched");
+    // Not retried.
+    let again = shop.sluice(&["apply"]);
+    assert_eq!(again.code, 1);
+    assert!(again.stdout.contains("not retried"), "{}", again.all());
+    let v: serde_json::Value =
+        serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(v["targets"]["local"]["failed"]["commit"], bad.as_str());
+    let kinds: Vec<_> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            format!(
+                "{}:{}",
+                h["kind"].as_str().unwrap(),
+                h["outcome"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["deploy:succeeded", "deploy:failed", "revert:succeeded"]
+    );
+    assert!(v["history"][1]["decision"]["measurement"]
+        .as_str()
+        .unwrap()
+        .contains("orders"));
+    // A newer good commit rolls forward.
+    shop.edit(
+        "services/orders/orders.yaml",
+        "\"demo\", \"--never-ready\",",
+        "\"demo\",",
+    );
+    shop.commit("fix orders");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    assert_eq!(shop.get_json("web", "/")["version"], "2.0.0");
+}
+
+#[test]
+fn revert_to_a_commit_by_hand() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let first = shop.head();
+    shop.set_versions(&["2.0.0"; 3]);
+    shop.commit("2.0.0");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    assert_eq!(shop.get_json("web", "/")["version"], "2.0.0");
+    let out = shop.sluice(&["revert", "--to", &first[..12]]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+    // The loop does not undo a revert by hand.
+    let again = shop.sluice(&["apply"]);
+    assert_eq!(again.code, 1, "{}", again.all());
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+}
+
+#[test]
+fn plan_shows_waves_and_field_paths_and_changes_nothing() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let first = shop.sluice(&["plan", "-o", "json"]);
+    assert_eq!(first.code, 0, "{}", first.all());
+    let v: serde_json::Value = serde_json::from_str(&first.stdout).unwrap();
+    let waves: Vec<_> = v["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["services"][0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(waves, ["catalog", "orders", "web"]);
+    assert!(shop.service_pids().is_empty(), "plan started something");
+
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let pids = shop.service_pids();
+    shop.set_versions(&["1.0.0", "1.1.0", "1.0.0"]);
+    shop.commit("orders 1.1.0");
+    let out = shop.sluice(&["plan", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["waves"].as_array().unwrap().len(), 1, "{v}");
+    let change = &v["waves"][0]["changes"][0];
+    assert_eq!(change["action"], "update");
+    assert_eq!(change["id"]["name"], "orders");
+    assert_eq!(change["fields"][0]["path"], "spec.version");
+    assert_eq!(change["fields"][0]["old"], "1.0.0");
+    assert_eq!(change["fields"][0]["new"], "1.1.0");
+    let text = shop.sluice(&["plan"]);
+    assert!(
+        text.stdout.contains("~ local/Process/orders")
+            && text.stdout.contains("spec.version: \"1.0.0\" → \"1.1.0\""),
+        "{}",
+        text.all()
+    );
+    assert_eq!(shop.service_pids(), pids);
+}
