@@ -100,7 +100,8 @@ fn bad_input_is_named_and_leaves_the_live_state_as_it_was() {
     assert_eq!(shop.sluice(&["apply"]).code, 0);
     let pids = shop.service_pids();
     let good = shop.head();
-    let cases: Vec<(&str, Box<dyn Fn(&Shop)>, &[&str])> = vec![
+    type Breaker = Box<dyn Fn(&Shop)>;
+    let cases: Vec<(&str, Breaker, &[&str])> = vec![
         (
             "malformed yaml",
             Box::new(|s| s.write("services/web/web.yaml", "apiVersion: [\n")),

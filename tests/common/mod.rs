@@ -211,7 +211,12 @@ impl Shop {
         let mut last = String::new();
         while Instant::now() < deadline {
             match self.get(service, "/") {
-                Ok((200, body)) if body.contains(&format!("\"version\":\"{version}\"")) => return,
+                Ok((200, body))
+                    if serde_json::from_str::<serde_json::Value>(&body)
+                        .is_ok_and(|v| v["version"] == version) =>
+                {
+                    return
+                }
                 Ok((code, body)) => last = format!("{code} {body}"),
                 Err(e) => last = e,
             }

@@ -87,7 +87,7 @@ pub struct DesiredState {
 
 impl DesiredState {
     pub fn new(revision: Revision, resources: BTreeMap<ResourceId, DesiredResource>) -> Self {
-        let digest = digest_of(&resources);
+        let digest = digest_of(&resources.values().collect::<Vec<_>>());
         DesiredState {
             revision,
             digest,
@@ -104,21 +104,19 @@ impl DesiredState {
 
     /// The digest of one target's share, recorded per target.
     pub fn target_digest(&self, target: &str) -> String {
-        let part: BTreeMap<_, _> = self
-            .resources
-            .iter()
-            .filter(|(id, _)| id.target == target)
-            .collect();
+        let part: Vec<&DesiredResource> = self.for_target(target).collect();
         digest_of(&part)
     }
 }
 
 /// `sha256:<hex>` of the canonical JSON (maps sorted by key) of `value`.
+/// `value` must serialise to JSON (string map keys): a value that cannot is
+/// a programming error, caught by the tests.
 pub fn digest_of<T: Serialize + ?Sized>(value: &T) -> String {
     let mut h = Sha256::new();
     // serde_json keeps object keys sorted (no preserve_order feature), and
     // BTreeMaps serialise in key order: the bytes are canonical.
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let bytes = serde_json::to_vec(value).expect("digest input serialises to JSON");
     h.update(&bytes);
     format!("sha256:{}", hex::encode(h.finalize()))
 }
@@ -163,4 +161,38 @@ pub struct LiveResource {
     /// Why it has that health, for people ("2/3 replicas ready").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::CommitId;
+
+    #[test]
+    fn digests_change_with_content_and_are_stable() {
+        let rev = Revision {
+            commit: CommitId::parse(&"f".repeat(40)).unwrap(),
+            time: 0,
+            summary: String::new(),
+        };
+        let mk = |v: &str| {
+            let id = ResourceId::new("local", "File", "a");
+            let r = DesiredResource {
+                id: id.clone(),
+                service: "s".into(),
+                file: "f".into(),
+                body: serde_json::json!({"spec": {"content": v}}),
+                redact: vec![],
+                strategy: Strategy::Rolling,
+                blobs: Default::default(),
+            };
+            DesiredState::new(rev.clone(), [(id, r)].into())
+        };
+        let empty = format!("sha256:{}", hex::encode(Sha256::digest(b"")));
+        let (a, a2, b) = (mk("1"), mk("1"), mk("2"));
+        assert_ne!(a.digest, empty);
+        assert_eq!(a.digest, a2.digest);
+        assert_ne!(a.digest, b.digest);
+        assert_ne!(a.target_digest("local"), b.target_digest("local"));
+    }
 }
