@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -270,17 +271,24 @@ impl Drop for Shop {
     /// Kills every process group this shop started, even when a test failed.
     fn drop(&mut self) {
         let root = self.tmp.path().display().to_string();
+        let me = std::process::id();
+        let my_group = stat_field(me, 5).unwrap_or(0) as u32;
         for p in procs() {
             let mine =
                 p.cwd.starts_with(self.tmp.path()) || p.args.iter().any(|a| a.contains(&root));
-            if mine && p.pid != std::process::id() {
+            if !mine || p.pid == me {
+                continue;
+            }
+            // Supervised instances lead their own groups: kill those whole.
+            // Helpers the test spawned itself share our group: only them.
+            if p.pgid != my_group && p.pgid > 1 {
                 let _ = Command::new("kill")
                     .args(["-KILL", "--", &format!("-{}", p.pgid)])
                     .status();
-                let _ = Command::new("kill")
-                    .args(["-KILL", &p.pid.to_string()])
-                    .status();
             }
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.pid.to_string()])
+                .status();
         }
     }
 }
@@ -461,4 +469,77 @@ fn stat_field(pid: u32, n: usize) -> Option<u64> {
 /// Start time in clock ticks since boot.
 pub fn start_time(pid: u32) -> u64 {
     stat_field(pid, 22).unwrap_or(0)
+}
+
+/// `git daemon` serving the repositories under `base` on 127.0.0.1.
+pub struct GitDaemon {
+    child: Option<Child>,
+    pub port: u16,
+    base: PathBuf,
+}
+
+impl GitDaemon {
+    pub fn start(base: &Path) -> GitDaemon {
+        let mut d = GitDaemon {
+            child: None,
+            port: free_port(),
+            base: base.to_path_buf(),
+        };
+        d.restart();
+        d
+    }
+
+    pub fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        // Its own process group: `git` forks `git-daemon`, which forks per
+        // connection; stopping kills them all.
+        let child = Command::new("git")
+            .process_group(0)
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--base-path={}", self.base.display()))
+            .arg(&self.base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+        }
+        // Its forked connection handlers go with the listener.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -24,6 +24,7 @@ use crate::source::{CommitId, Revision};
 
 /// A commit applied to a target.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Deployed {
     pub commit: CommitId,
     /// Digest of this target's share of the desired state.
@@ -37,6 +38,7 @@ pub struct Deployed {
 
 /// A commit that failed and is not retried until a newer one arrives.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Failed {
     pub commit: CommitId,
     pub reason: String,
@@ -45,6 +47,7 @@ pub struct Failed {
 
 /// Everything the agent remembers about one target.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TargetRecord {
     /// The kind of target, so status can reach it without a commit.
     #[serde(default)]
@@ -64,6 +67,7 @@ pub struct TargetRecord {
 /// A rollout or revert under way, persisted before its first change so a
 /// restarted agent knows it must finish or undo it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InProgress {
     pub kind: HistoryKind,
     pub commit: CommitId,
@@ -79,6 +83,7 @@ pub struct InProgress {
 
 /// Source health, for status and backoff.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SourceStatus {
     pub describe: String,
     pub last_poll: Option<DateTime<Utc>>,
@@ -90,6 +95,7 @@ pub struct SourceStatus {
 
 /// The agent's whole state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AgentState {
     pub source: SourceStatus,
     pub targets: BTreeMap<String, TargetRecord>,
@@ -117,6 +123,7 @@ pub enum Outcome {
 
 /// One deployment, revert or heal.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
     pub at: DateTime<Utc>,
     pub kind: HistoryKind,
@@ -140,6 +147,7 @@ pub struct HistoryEntry {
 
 /// The record of a gate's verdict that aborted a rollout.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Decision {
     pub at: DateTime<Utc>,
     pub wave: usize,
