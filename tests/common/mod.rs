@@ -379,19 +379,24 @@ impl Drop for Agent {
     }
 }
 
-/// A plain HTTP/1.1 GET on 127.0.0.1 with a short timeout.
+/// A plain HTTP/1.1 GET on 127.0.0.1 with a short timeout (one client per
+/// thread: building one per request costs more than the request).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let resp = client
-        .get(format!("http://127.0.0.1:{port}{path}"))
-        .send()
-        .map_err(|e| e.to_string())?;
-    let code = resp.status().as_u16();
-    Ok((code, resp.text().map_err(|e| e.to_string())?))
+    thread_local! {
+        static CLIENT: reqwest::blocking::Client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .no_proxy()
+            .build()
+            .expect("http client");
+    }
+    CLIENT.with(|client| {
+        let resp = client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .map_err(|e| e.to_string())?;
+        let code = resp.status().as_u16();
+        Ok((code, resp.text().map_err(|e| e.to_string())?))
+    })
 }
 
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
