@@ -303,17 +303,19 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(shop: &Shop, interval: &str) -> Agent {
+        Agent::start_with(shop, &["--interval", interval], &[])
+    }
+
+    /// `sluice run` with extra flags and environment.
+    pub fn start_with(shop: &Shop, args: &[&str], env: &[(&str, &str)]) -> Agent {
         let port = free_port();
         let log = shop.tmp.path().join(format!("agent-{port}.log"));
         let child = Command::new(SLUICE)
             .arg("run")
             .args(shop.flags())
-            .args([
-                "--interval",
-                interval,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -341,19 +343,32 @@ impl Agent {
     /// Waits until the agent has applied the head it was started with and
     /// nothing is in progress.
     pub fn wait_idle(&self) {
+        self.wait_idle_on(&self.head.clone());
+    }
+
+    /// Waits until the agent has applied `head` and nothing is in progress.
+    pub fn wait_idle_on(&self, head: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
         while Instant::now() < deadline {
-            if let Ok((200, body)) = http_get(self.port, "/status") {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                if v["inProgress"].is_null()
-                    && v["targets"]["local"]["applied"]["commit"] == self.head.as_str()
-                {
-                    return;
+            match http_get(self.port, "/status") {
+                Ok((200, body)) => {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    if v["inProgress"].is_null()
+                        && v["targets"]["local"]["applied"]["commit"] == head
+                    {
+                        return;
+                    }
+                    last = body;
                 }
+                other => last = format!("{other:?}"),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("agent never became idle on {}\n{}", self.head, self.log());
+        panic!(
+            "agent never became idle on {head}\nlast status: {last}\n{}",
+            self.log()
+        );
     }
 
     pub fn kill9(mut self) {
