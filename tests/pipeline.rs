@@ -272,6 +272,19 @@ fn a_bad_release_in_wave_2_reverts_wave_1_and_never_touches_wave_3() {
         .as_str()
         .unwrap()
         .contains("orders"));
+    // A deliberate retry runs it again, and says so in the history.
+    let retry = shop.sluice(&["apply", "--retry"]);
+    assert_eq!(retry.code, 1, "{}", retry.all());
+    let v: serde_json::Value =
+        serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
+    let retried = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["retry"] == true)
+        .count();
+    assert_eq!(retried, 1, "{v}");
+    assert_eq!(shop.get_json("orders", "/")["version"], "1.0.0");
     // A newer good commit rolls forward.
     shop.edit(
         "services/orders/orders.yaml",

@@ -90,6 +90,7 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         clock: Arc::new(SystemClock),
         limits: Limits::default(),
         gate_poll: Duration::from_millis(100),
+        gate_factories: Vec::new(),
     })
 }
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::clock::Clock;
+use crate::gate::{Gate, GateContext, GateFactory, HealthGate, Verdict};
 use crate::model::{TargetDef, TargetKind, Topology};
 use crate::plan::{plan, Action, Inventory, Plan};
 use crate::render::{render, RenderError, Rendered};
@@ -166,6 +167,8 @@ pub struct Engine {
     pub limits: Limits,
     /// How often gates look at health.
     pub gate_poll: Duration,
+    /// Gates beyond health and soak (canary analysis plugs in here).
+    pub gate_factories: Vec<Arc<dyn GateFactory>>,
 }
 
 impl Engine {
@@ -401,6 +404,7 @@ impl Engine {
             duration_ms: duration.as_millis() as u64,
             error: None,
             decision: None,
+            retry: opts.retry,
         };
         match result {
             Ok(()) => {
@@ -560,9 +564,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Waits until every resource the wave applied is healthy, then keeps
-    /// watching for the soak time. Fails on timeout or on a resource that
-    /// turns unhealthy while soaking.
+    /// Runs the wave's gates (health with soak, then any from the gate
+    /// factories) until all pass, one fails, or the gate timeout runs out.
+    /// Every failure writes a decision record: gate, measurement, threshold.
     async fn gate(
         &self,
         prepared: &Prepared,
@@ -572,95 +576,112 @@ impl Engine {
     ) -> Result<(), (EngineError, Option<Decision>)> {
         let topo = &prepared.rendered.topology;
         let (timeout, soak) = gate_times(topo, services);
+        let mut gates: Vec<Box<dyn Gate>> = vec![Box::new(HealthGate::new(soak))];
+        for f in &self.gate_factories {
+            gates.extend(f.gates(topo, services));
+        }
+        let names: Vec<&str> = gates.iter().map(|g| g.name()).collect();
         let step = format!(
-            "gate wave {}: health (timeout {}s, soak {}s)",
+            "gate wave {}: {} (timeout {}s, soak {}s)",
             wave + 1,
+            names.join(", "),
             timeout.as_secs(),
             soak.as_secs()
         );
         self.progress(wave, &step).map_err(|e| (e, None))?;
         let started = Instant::now();
-        let mut healthy_since: Option<Instant> = None;
+        let fail =
+            |gate: &str, resource: Option<String>, measurement: String, threshold: String| {
+                let decision = Decision {
+                    at: self.clock.now(),
+                    wave,
+                    gate: gate.to_string(),
+                    resource,
+                    measurement: measurement.clone(),
+                    threshold: threshold.clone(),
+                };
+                (
+                    EngineError::Gate {
+                        wave: wave + 1,
+                        reason: format!("{gate}: {measurement} (threshold: {threshold})"),
+                    },
+                    Some(decision),
+                )
+            };
         loop {
-            let worst = self.worst_health(prepared, ids).await;
-            let now = Instant::now();
-            match worst {
-                None => {
-                    let since = *healthy_since.get_or_insert(now);
-                    if now.duration_since(since) >= soak {
-                        return Ok(());
+            let live = self.observe_ids(prepared, ids).await;
+            let ctx = GateContext {
+                wave,
+                services,
+                resources: ids,
+                live: &live,
+                elapsed: started.elapsed(),
+            };
+            let mut waiting = None;
+            for g in &gates {
+                match g.check(&ctx).await {
+                    Verdict::Pass => {}
+                    Verdict::Wait { reason } => {
+                        waiting.get_or_insert((g.name().to_string(), reason));
+                    }
+                    Verdict::Fail {
+                        resource,
+                        measurement,
+                        threshold,
+                    } => {
+                        return Err(fail(g.name(), resource, measurement, threshold));
                     }
                 }
-                Some((id, health, message)) => {
-                    let soaking = healthy_since.is_some();
-                    if soaking || now.duration_since(started) >= timeout {
-                        let (what, threshold) = if soaking {
-                            (
-                                "turned unhealthy while soaking",
-                                format!("healthy for {}s", soak.as_secs()),
-                            )
-                        } else {
-                            (
-                                "not healthy in time",
-                                format!("healthy within {}s", timeout.as_secs()),
-                            )
-                        };
-                        let measurement = format!(
-                            "{id} is {health}{}",
-                            message.map(|m| format!(" ({m})")).unwrap_or_default()
-                        );
-                        let decision = Decision {
-                            at: self.clock.now(),
-                            wave,
-                            gate: "health".into(),
-                            resource: Some(id.to_string()),
-                            measurement: measurement.clone(),
-                            threshold: threshold.clone(),
-                        };
-                        return Err((
-                            EngineError::Gate {
-                                wave: wave + 1,
-                                reason: format!("{measurement}: {what} (threshold: {threshold})"),
-                            },
-                            Some(decision),
-                        ));
-                    }
-                }
+            }
+            let Some((gate, reason)) = waiting else {
+                return Ok(());
+            };
+            if started.elapsed() >= timeout + soak {
+                return Err(fail(
+                    &gate,
+                    None,
+                    format!("{reason}, not decided in time"),
+                    format!("passed within {}s", (timeout + soak).as_secs()),
+                ));
             }
             self.clock.sleep(self.gate_poll).await;
         }
     }
 
-    /// The least healthy of `ids`, or None when all are healthy.
-    async fn worst_health(
+    /// Live state of `ids` across targets; a target that cannot be observed
+    /// makes its resources Unknown.
+    async fn observe_ids(
         &self,
         prepared: &Prepared,
         ids: &[ResourceId],
-    ) -> Option<(ResourceId, Health, Option<String>)> {
+    ) -> BTreeMap<ResourceId, LiveResource> {
         let mut by_target: BTreeMap<&str, Vec<ResourceId>> = BTreeMap::new();
         for id in ids {
             by_target.entry(&id.target).or_default().push(id.clone());
         }
-        let mut worst: Option<(ResourceId, Health, Option<String>)> = None;
+        let mut out = BTreeMap::new();
         for (name, ids) in by_target {
             let Some(target) = prepared.targets.get(name) else {
                 continue;
             };
-            let live = match target.observe(&ids).await {
-                Ok(l) => l,
-                Err(e) => return Some((ids[0].clone(), Health::Unknown, Some(e.to_string()))),
-            };
-            for id in ids {
-                let (health, message) = match live.get(&id) {
-                    Some(l) => (l.health, l.message.clone()),
-                    None => (Health::Missing, None),
-                };
-                if health != Health::Healthy && worst.as_ref().is_none_or(|w| health > w.1) {
-                    worst = Some((id, health, message));
+            match target.observe(&ids).await {
+                Ok(l) => out.extend(l),
+                Err(e) => {
+                    for id in ids {
+                        out.insert(
+                            id.clone(),
+                            LiveResource {
+                                id,
+                                body: serde_json::Value::Null,
+                                health: Health::Unknown,
+                                message: Some(e.to_string()),
+                            },
+                        );
+                    }
                 }
             }
         }
-        worst
+        out
     }
 
     /// Puts `targets` back to their last good commit (or `to`), in reverse
@@ -750,6 +771,7 @@ impl Engine {
             duration_ms: started.elapsed().as_millis() as u64,
             error: error.clone(),
             decision: None,
+            retry: false,
         })?;
         match result {
             Ok(()) => {
@@ -888,6 +910,7 @@ impl Engine {
                     duration_ms: started.elapsed().as_millis() as u64,
                     error: (!errors.is_empty()).then(|| errors.join("; ")),
                     decision: None,
+                    retry: false,
                 })?;
             }
             reports.push(DriftReport {
@@ -1209,6 +1232,7 @@ mod tests {
             clock: Arc::new(SystemClock),
             limits: Limits::default(),
             gate_poll: Duration::from_millis(10),
+            gate_factories: Vec::new(),
         };
         (engine, source, target, dir)
     }
@@ -1454,6 +1478,76 @@ mod tests {
         );
         let h = engine.store.history().unwrap();
         assert_eq!(h.last().unwrap().kind, HistoryKind::Heal);
+    }
+
+    /// A stand-in for canary analysis: fails service b's wave.
+    struct ErrorRateGate;
+
+    #[async_trait::async_trait]
+    impl Gate for ErrorRateGate {
+        fn name(&self) -> &str {
+            "analysis"
+        }
+        async fn check(&self, _: &GateContext<'_>) -> Verdict {
+            Verdict::Fail {
+                resource: Some("local/Process/b".into()),
+                measurement: "error rate 3.0% vs baseline 1.0%".into(),
+                threshold: "at most 1.5x the baseline".into(),
+            }
+        }
+    }
+
+    struct OnlyB;
+
+    impl GateFactory for OnlyB {
+        fn gates(&self, _: &Topology, services: &[String]) -> Vec<Box<dyn Gate>> {
+            if services.iter().any(|s| s == "b") {
+                vec![Box::new(ErrorRateGate)]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn plugged_in_gates_abort_with_their_own_decision_record() {
+        let (mut engine, source, target, _dir) = setup();
+        engine.gate_factories.push(Arc::new(OnlyB));
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        // The first rollout fails too: no last good commit, nothing to revert to.
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(
+            matches!(
+                r,
+                Reconciled::Reverted {
+                    reverted_to: None,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        engine.gate_factories.clear();
+        commit(&source, &repo([("1", false), ("1", false), ("2", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        engine.gate_factories.push(Arc::new(OnlyB));
+        commit(&source, &repo([("3", false), ("3", false), ("3", false)]));
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let Reconciled::Reverted { error, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(error.contains("analysis: error rate 3.0%"), "{error}");
+        let h = engine.store.history().unwrap();
+        let d = h.iter().rev().find_map(|e| e.decision.clone()).unwrap();
+        assert_eq!(
+            (d.gate.as_str(), d.threshold.as_str()),
+            ("analysis", "at most 1.5x the baseline")
+        );
+        assert!(target
+            .live
+            .lock()
+            .unwrap()
+            .values()
+            .all(|b| b["spec"]["version"] != "3"));
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod diff;
 pub mod engine;
+pub mod gate;
 pub mod model;
 pub mod plan;
 pub mod render;

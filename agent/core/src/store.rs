@@ -143,6 +143,9 @@ pub struct HistoryEntry {
     /// which threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// A deliberate re-apply of a commit that had failed (`apply --retry`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 /// The record of a gate's verdict that aborted a rollout.
@@ -385,6 +388,7 @@ mod tests {
             duration_ms: 0,
             error: None,
             decision: None,
+            retry: false,
         }
     }
 
