@@ -336,6 +336,14 @@ impl Agent {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The status, or None while the agent is not answering yet.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        match http_get(self.port, "/status") {
+            Ok((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -433,14 +433,16 @@ impl HostTarget {
                     }
                     None => "an instance disappeared while starting".into(),
                 };
-                // Keep the old instances serving; drop the new ones.
+                // Keep the old instances serving; drop the new ones, also
+                // those a crashed run started before (they are not active).
+                let active = self.records().get(&Self::record_key(&r.id)).map(digest_of);
                 for i in self
                     .sup
                     .list()
                     .into_iter()
                     .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
                 {
-                    if !up.contains(&i.spec.key.as_str()) {
+                    if active.as_ref() != Some(&i.spec.digest) {
                         self.sup.stop(&i).await;
                     }
                 }
@@ -619,7 +621,17 @@ impl HostTarget {
                         .collect(),
                     _ => mine.clone(),
                 };
-                let body = current[0].spec.body.clone();
+                let mut body = current[0].spec.body.clone();
+                // Replicas of another release (left by a crash mid-rollout)
+                // are a difference the plan must show and the apply remove.
+                let stray: Vec<&str> = mine
+                    .iter()
+                    .filter(|i| !current.iter().any(|c| c.spec.key == i.spec.key))
+                    .map(|i| i.spec.key.as_str())
+                    .collect();
+                if !stray.is_empty() {
+                    body["status"] = json!({ "strayInstances": stray });
+                }
                 let want: u32 = body["spec"]["replicas"].as_u64().unwrap_or(1) as u32;
                 let mut ready = 0;
                 for i in &current {
