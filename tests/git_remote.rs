@@ -308,6 +308,25 @@ fn the_agent_rides_out_a_remote_outage() {
     shop.commit("web 1.2.0");
     daemon.restart();
     shop.wait_version("web", "1.2.0", Duration::from_secs(30));
+
+    // 3 a.m., git hosting down, the agent running: a revert by hand works
+    // from the local copy.
+    daemon.stop();
+    let first = common::git(&shop.repo(), &["rev-list", "--max-parents=0", "HEAD"]);
+    let mut cmd = std::process::Command::new(common::SLUICE);
+    cmd.args(["revert", "--repo", &url, "--allow-insecure", "--to", &first])
+        .args([
+            "--state-dir",
+            &shop.state().display().to_string(),
+            "--file-root",
+            &shop.file_root().display().to_string(),
+        ]);
+    let out = common::run_with_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+    // The running loop does not roll the reverted commit out again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
 }
 
 struct KillOnDrop<'a>(&'a mut std::process::Child);
