@@ -350,6 +350,18 @@ pub fn status_text(s: &Status) -> String {
             let _ = writeln!(out, "  error: {e}");
         }
     }
+    // The newest abort's decision record: which gate, what, against what.
+    if let Some(d) = s.history.iter().rev().find_map(|e| e.decision.as_ref()) {
+        let _ = writeln!(
+            out,
+            "Last abort: wave {}, gate {} at {}: {} (threshold: {})",
+            d.wave + 1,
+            d.gate,
+            d.at.format("%Y-%m-%d %H:%M:%S UTC"),
+            d.measurement,
+            d.threshold
+        );
+    }
     let d = dora(&s.history);
     let _ = writeln!(
         out,
