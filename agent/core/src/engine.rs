@@ -323,15 +323,7 @@ impl Engine {
             // commit as applied without calling it a deployment.
             let mut state = self.store.load()?;
             state.last_error = None;
-            for (name, target) in &prepared.targets {
-                let rec = state.targets.entry(name.clone()).or_default();
-                rec.kind = Some(target.kind());
-                let deployed = self.deployed(&prepared, name);
-                rec.applied = Some(deployed.clone());
-                rec.last_good = Some(deployed);
-                rec.failed = None;
-                rec.last_error = None;
-            }
+            self.record_good(&mut state, &prepared);
             self.store.save(&state)?;
             self.keep(&revision.commit).await;
             if !up_to_date {
@@ -409,15 +401,7 @@ impl Engine {
         match result {
             Ok(()) => {
                 let mut state = self.store.load()?;
-                for (name, target) in &prepared.targets {
-                    let rec = state.targets.entry(name.clone()).or_default();
-                    rec.kind = Some(target.kind());
-                    let deployed = self.deployed(&prepared, name);
-                    rec.applied = Some(deployed.clone());
-                    rec.last_good = Some(deployed);
-                    rec.failed = None;
-                    rec.last_error = None;
-                }
+                self.record_good(&mut state, &prepared);
                 state.in_progress = None;
                 state.last_error = None;
                 self.store.save(&state)?;
@@ -962,6 +946,20 @@ impl Engine {
             resources,
             history: self.store.history()?,
         })
+    }
+
+    /// Records `prepared`'s commit as applied and good on each of its
+    /// targets, clearing their failure and error.
+    fn record_good(&self, state: &mut AgentState, prepared: &Prepared) {
+        for (name, target) in &prepared.targets {
+            let rec = state.targets.entry(name.clone()).or_default();
+            rec.kind = Some(target.kind());
+            let deployed = self.deployed(prepared, name);
+            rec.applied = Some(deployed.clone());
+            rec.last_good = Some(deployed);
+            rec.failed = None;
+            rec.last_error = None;
+        }
     }
 
     fn deployed(&self, prepared: &Prepared, target: &str) -> Deployed {

@@ -318,21 +318,33 @@ fn ends_with_newline(path: &Path) -> bool {
 /// content: temp file in the same folder, fsync, rename, fsync the folder.
 /// Idempotent.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_file_atomic(path, bytes, None).map_err(|source| io(path, source))
+}
+
+/// [`write_atomic`] for every writer of sluice's own files and of host
+/// File resources: the same guarantee, an `io::Error`, and optional
+/// permission bits set before the rename (so the file never appears with
+/// the wrong mode).
+pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
+    fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        if let Some(mode) = mode {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        }
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(|source| io(path, source))
+    result
 }
 
 fn io(path: &Path, source: std::io::Error) -> StoreError {

@@ -257,17 +257,8 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Writes JSON atomically: temp file, fsync, rename.
+/// Writes JSON atomically (see [`sluice_core::store::write_file_atomic`]).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    sluice_core::store::write_file_atomic(path, &bytes, None)
 }

@@ -772,12 +772,9 @@ impl Target for HostTarget {
                 if !actual.eq_ignore_ascii_case(&a.sha256) {
                     return Err(perr(format!("sha256 mismatch: expected {}, downloaded content has {actual}; nothing applied", a.sha256)));
                 }
-                let tmp = dest.with_extension("part");
-                std::fs::write(&tmp, &bytes).map_err(|e| perr(e.to_string()))?;
                 let mode = if a.executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                sluice_core::store::write_file_atomic(&dest, &bytes, Some(mode))
                     .map_err(|e| perr(e.to_string()))?;
-                std::fs::rename(&tmp, &dest).map_err(|e| perr(e.to_string()))?;
                 info!(target = %self.cfg.name, artifact = %a.name, sha256 = %a.sha256, "artifact cached");
             }
         }
@@ -798,12 +795,11 @@ impl Target for HostTarget {
                     && std::fs::metadata(&path)
                         .is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
                 if !same {
-                    write_file(&path, content.as_bytes(), mode).map_err(|e| {
-                        TargetError::Apply {
+                    sluice_core::store::write_file_atomic(&path, content.as_bytes(), Some(mode))
+                        .map_err(|e| TargetError::Apply {
                             id: r.id.to_string(),
                             reason: format!("writing {}: {e}", spec.path),
-                        }
-                    })?;
+                        })?;
                     info!(target = %self.cfg.name, file = %spec.path, "file written");
                 }
                 self.record(r)
@@ -891,21 +887,6 @@ fn spec_of<T: serde::de::DeserializeOwned>(r: &DesiredResource) -> Result<T, Tar
             reason: format!("spec: {e}"),
         }
     })
-}
-
-/// Temp file in the same folder, fsync, chmod, rename, fsync the folder.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.sluice-tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Downloads an artifact (https, file://, or http to loopback), capped.

@@ -349,19 +349,7 @@ fn persist(path: &Path, cfg: &RouterConfig) -> Result<(), RouterError> {
         source,
     };
     let bytes = serde_json::to_vec_pretty(cfg).map_err(|e| err(std::io::Error::other(e)))?;
-    let tmp = path.with_extension("tmp");
-    (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })()
-    .map_err(err)
+    sluice_core::store::write_file_atomic(path, &bytes, None).map_err(err)
 }
 
 /// Accepts on one route's address until told to stop. The route is looked
