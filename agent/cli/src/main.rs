@@ -94,6 +94,8 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         webhooks: run::Webhooks,
+        #[command(flatten)]
+        drift: run::DriftSchedule,
     },
     /// Show what a commit would change in the live system; changes nothing.
     Plan {
@@ -157,7 +159,7 @@ enum Command {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     sluice_core::model::duration::parse(s)
 }
 
@@ -173,7 +175,8 @@ fn main() -> ExitCode {
             backoff_max,
             listen,
             webhooks,
-        } => runtime(|| run::agent(common, interval, backoff_max, listen, webhooks)),
+            drift,
+        } => runtime(|| run::agent(common, interval, backoff_max, listen, webhooks, drift)),
         Command::Plan { common, rev } => runtime(|| plan(common, rev)),
         Command::Apply { common, rev, retry } => runtime(|| apply(common, rev, retry)),
         Command::Status { common } => runtime(|| status(common)),

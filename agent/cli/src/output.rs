@@ -228,6 +228,7 @@ pub fn status(format: Format, s: &Status) {
             "source": s.state.source,
             "lastError": s.state.last_error,
             "inProgress": s.state.in_progress,
+            "drift": s.state.drift,
             "targets": s.state.targets,
             "resources": s.resources,
             "history": s.history,
@@ -333,6 +334,15 @@ pub fn status_text(s: &Status) -> String {
                     "    {:<8} {:<24} {}{msg}",
                     r.id.kind, r.id.name, r.health
                 );
+            }
+        }
+    }
+    if let Some(scan) = &s.state.drift {
+        let n: usize = scan.items.values().map(Vec::len).sum();
+        let _ = writeln!(out, "\nDrift (scanned {}): {n} resource(s)", ago(scan.at));
+        for (target, items) in &scan.items {
+            for i in items {
+                let _ = writeln!(out, "  {target}: {i}");
             }
         }
     }

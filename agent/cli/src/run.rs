@@ -81,6 +81,32 @@ pub struct Webhooks {
     pub gitlab_token_file: Option<PathBuf>,
 }
 
+/// When `sluice run` scans for drift.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DriftSchedule {
+    /// Time between drift scans ("0s" turns them off).
+    #[arg(long, env = "SLUICE_DRIFT_INTERVAL", default_value = "5m", value_parser = crate::parse_duration)]
+    pub drift_interval: Duration,
+    /// A cron schedule for drift scans instead (with seconds, in UTC), e.g.
+    /// "0 */10 * * * *".
+    #[arg(long, env = "SLUICE_DRIFT_SCHEDULE")]
+    pub drift_schedule: Option<String>,
+}
+
+impl DriftSchedule {
+    /// The delay until the next scan, None when scans are off.
+    fn next(&self, schedule: &Option<cron::Schedule>) -> Option<Duration> {
+        match schedule {
+            Some(s) => s
+                .upcoming(chrono::Utc)
+                .next()
+                .map(|t| (t - chrono::Utc::now()).to_std().unwrap_or_default()),
+            None if self.drift_interval.is_zero() => None,
+            None => Some(self.drift_interval),
+        }
+    }
+}
+
 fn secret(file: &Option<PathBuf>, env: &str) -> Result<Option<Vec<u8>>, setup::ConfigError> {
     if let Some(f) = file {
         let s = std::fs::read_to_string(f)
@@ -99,7 +125,15 @@ pub async fn agent(
     backoff_max: Duration,
     listen: SocketAddr,
     hooks: Webhooks,
+    drift: DriftSchedule,
 ) -> anyhow::Result<ExitCode> {
+    let schedule = match &drift.drift_schedule {
+        Some(expr) => Some(
+            expr.parse::<cron::Schedule>()
+                .map_err(|e| setup::ConfigError(format!("--drift-schedule {expr:?}: {e}")))?,
+        ),
+        None => None,
+    };
     let github_secret = secret(&hooks.github_secret_file, "SLUICE_GITHUB_WEBHOOK_SECRET")?;
     let gitlab_token = secret(&hooks.gitlab_token_file, "SLUICE_GITLAB_WEBHOOK_TOKEN")?;
     let engine = Arc::new(setup::engine(&common)?);
@@ -134,11 +168,13 @@ pub async fn agent(
         initial: Duration::from_millis(100),
         max: backoff_max,
     };
+    let drift_task = tokio::spawn(drift_loop(shared.clone(), drift, schedule, stop_rx.clone()));
     let loop_task = tokio::spawn(reconcile_loop(shared.clone(), interval, backoff, stop_rx));
     shutdown_signal().await;
     info!("shutting down; supervised processes keep running");
     let _ = stop_tx.send(true);
     let _ = loop_task.await;
+    let _ = drift_task.await;
     let _ = server.await;
     Ok(ExitCode::SUCCESS)
 }
@@ -218,6 +254,39 @@ async fn reconcile_loop(
             _ = tokio::time::sleep(delay) => {}
             _ = shared.wake.notified() => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Scans for drift on its schedule, healing where a service says `heal`.
+/// Takes the apply lock like any change, so it never races a rollout.
+async fn drift_loop(
+    shared: Arc<Shared>,
+    drift: DriftSchedule,
+    schedule: Option<cron::Schedule>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let Some(delay) = drift.next(&schedule) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        let store = shared.store.clone();
+        let Ok(Ok(_held)) = tokio::task::spawn_blocking(move || store.lock()).await else {
+            continue;
+        };
+        match shared.engine.drift(true).await {
+            Ok(reports) => {
+                let drifted: usize = reports.iter().map(|r| r.items.len() - r.healed.len()).sum();
+                let healed: usize = reports.iter().map(|r| r.healed.len()).sum();
+                if drifted + healed > 0 {
+                    warn!(drifted, healed, "drift found");
+                }
+            }
+            Err(e) => warn!(error = %e, "drift scan failed"),
         }
     }
 }
@@ -329,6 +398,7 @@ async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 "source": st.state.source,
                 "lastError": st.state.last_error,
                 "inProgress": st.state.in_progress,
+                "drift": st.state.drift,
                 "targets": st.state.targets,
                 "resources": st.resources,
                 "history": st.history.iter().rev().take(50).collect::<Vec<_>>(),
@@ -412,7 +482,29 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             d["timeToRestoreSeconds"].as_f64(),
         );
     }
+    if let Ok(history) = s.engine.store.history() {
+        let heals = history
+            .iter()
+            .filter(|h| h.kind == sluice_core::store::HistoryKind::Heal)
+            .count();
+        counter(
+            &mut out,
+            "sluice_heals_total",
+            "Drift heals recorded in the history.",
+            heals as u64,
+        );
+    }
     if let Ok(state) = s.engine.store.load() {
+        if let Some(scan) = &state.drift {
+            let _ = writeln!(out, "# HELP sluice_drift_resources Resources that differ from the applied commit, at the last scan.\n# TYPE sluice_drift_resources gauge");
+            for (target, items) in &scan.items {
+                let _ = writeln!(
+                    out,
+                    "sluice_drift_resources{{target=\"{target}\"}} {}",
+                    items.len()
+                );
+            }
+        }
         let _ = writeln!(out, "# HELP sluice_applied_commit_info The commit applied per target.\n# TYPE sluice_applied_commit_info gauge");
         for (name, rec) in &state.targets {
             if let Some(a) = &rec.applied {

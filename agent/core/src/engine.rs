@@ -33,8 +33,8 @@ use crate::render::{render, RenderError, Rendered};
 use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use crate::source::{CommitId, Limits, Revision, Source, SourceError};
 use crate::store::{
-    AgentState, Decision, Deployed, Failed, HistoryEntry, HistoryKind, InProgress, Outcome,
-    StateStore, StoreError, TargetRecord,
+    AgentState, Decision, Deployed, DriftScan, Failed, HistoryEntry, HistoryKind, InProgress,
+    Outcome, StateStore, StoreError, TargetRecord,
 };
 use crate::target::{Target, TargetError, TargetProvider};
 
@@ -295,6 +295,25 @@ impl Engine {
                 });
             }
         }
+        // A rollout of this very commit was cut short by a crash: whatever it
+        // applied before must pass its gates again before anything else.
+        let resuming = state
+            .in_progress
+            .as_ref()
+            .filter(|p| p.kind == HistoryKind::Deploy && p.commit == revision.commit)
+            .map(|p| p.targets.clone());
+        let up_to_date = !state.targets.is_empty()
+            && state.targets.values().all(|r| {
+                r.applied
+                    .as_ref()
+                    .is_some_and(|a| a.commit == revision.commit)
+            });
+        if up_to_date && resuming.is_none() && !opts.retry {
+            // Nothing new to roll out, and no render needed to know it. Live
+            // differing from the applied commit is drift: the drift scan
+            // reports or heals it per service policy, not the loop.
+            return Ok(Reconciled::UpToDate { revision });
+        }
         let prepared = match self.prepare(&revision).await {
             Ok(p) => p,
             Err(e) => {
@@ -304,20 +323,6 @@ impl Engine {
                 return Err(e);
             }
         };
-        let up_to_date = prepared.targets.keys().all(|t| {
-            state
-                .targets
-                .get(t)
-                .and_then(|r| r.applied.as_ref())
-                .is_some_and(|a| a.commit == revision.commit)
-        });
-        // A rollout of this very commit was cut short by a crash: whatever it
-        // applied before must pass its gates again before anything else.
-        let resuming = state
-            .in_progress
-            .as_ref()
-            .filter(|p| p.kind == HistoryKind::Deploy && p.commit == revision.commit)
-            .map(|p| p.targets.clone());
         if prepared.plan.is_empty() && resuming.is_none() {
             // Nothing live changes (e.g. only a README changed): remember the
             // commit as applied without calling it a deployment.
@@ -326,9 +331,7 @@ impl Engine {
             self.record_good(&mut state, &prepared);
             self.store.save(&state)?;
             self.keep(&revision.commit).await;
-            if !up_to_date {
-                info!(commit = %revision.commit, "commit changes nothing live");
-            }
+            info!(commit = %revision.commit, "commit changes nothing live");
             return Ok(Reconciled::UpToDate { revision });
         }
         let resume: Vec<ResourceId> = match &resuming {
@@ -904,6 +907,34 @@ impl Engine {
                 healed,
             });
         }
+        let scan = DriftScan {
+            at: self.clock.now(),
+            items: reports
+                .iter()
+                .map(|r| {
+                    let lines = r
+                        .items
+                        .iter()
+                        .filter(|i| !r.healed.contains(&i.id))
+                        .map(|i| {
+                            let kind = match i.kind {
+                                DriftKind::Missing => "missing",
+                                DriftKind::Modified => "modified",
+                            };
+                            let fields: Vec<&str> =
+                                i.fields.iter().map(|f| f.path.as_str()).collect();
+                            if fields.is_empty() {
+                                format!("{kind} {}", i.id)
+                            } else {
+                                format!("{kind} {} ({})", i.id, fields.join(", "))
+                            }
+                        })
+                        .collect();
+                    (r.target.clone(), lines)
+                })
+                .collect(),
+        };
+        self.mark(|s| s.drift = Some(scan))?;
         Ok(reports)
     }
 

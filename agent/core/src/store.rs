@@ -104,6 +104,18 @@ pub struct AgentState {
     pub last_error: Option<String>,
     #[serde(default)]
     pub in_progress: Option<InProgress>,
+    /// The newest drift scan, for status and metrics.
+    #[serde(default)]
+    pub drift: Option<DriftScan>,
+}
+
+/// What the newest drift scan found (secret values already redacted).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftScan {
+    pub at: DateTime<Utc>,
+    /// Per target: "modified local/File/x (spec.content)", "missing ...".
+    pub items: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

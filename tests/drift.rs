@@ -1,0 +1,120 @@
+//! Drift made by hand on the host target, found and healed: a managed file
+//! edited, a process (its whole supervisor group) killed. Real processes,
+//! real files, the real binary.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{http_get, procs, Agent, Shop};
+
+#[test]
+fn drift_is_reported_per_policy_healed_where_asked_and_shown_in_metrics() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.write(
+        "services/orders/config.yaml",
+        &shop.file_manifest("orders-config", "orders.conf", "currency=EUR"),
+    );
+    shop.edit(
+        "sluice.yaml",
+        "path: services/orders\n",
+        "path: services/orders\n    drift: heal\n",
+    );
+    shop.commit("orders config, heal drift");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let clean = shop.sluice(&["drift", "--exit-code"]);
+    assert_eq!(clean.code, 0, "{}", clean.all());
+
+    // By hand: the config edited, web's supervisor group killed.
+    let conf = shop.file_root().join("local/orders.conf");
+    std::fs::write(&conf, "currency=USD").unwrap();
+    let web = shop.service_pids()["web"];
+    let group = procs().into_iter().find(|p| p.pid == web).unwrap().pgid;
+    std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let out = shop.sluice(&["drift", "-o", "json", "--exit-code"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let items: Vec<String> = v[0]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{} {}",
+                i["kind"].as_str().unwrap(),
+                i["id"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(items, ["modified orders-config", "missing web"], "{v}");
+    let fields = &v[0]["items"][0]["fields"][0];
+    assert_eq!(fields["path"], "spec.content");
+    assert_eq!(
+        (fields["old"].as_str(), fields["new"].as_str()),
+        (Some("currency=USD"), Some("currency=EUR"))
+    );
+
+    let md = shop.sluice(&["drift", "-o", "markdown"]);
+    assert!(
+        md.stdout.contains("modified local/File/orders-config"),
+        "{}",
+        md.all()
+    );
+
+    // Heal: only where the service says so.
+    let healed = shop.sluice(&["drift", "--heal", "-o", "json"]);
+    assert_eq!(healed.code, 0, "{}", healed.all());
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "currency=EUR");
+    assert!(
+        shop.get("web", "/").map(|(c, _)| c != 200).unwrap_or(true),
+        "web was healed against its policy"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(
+        status["history"].as_array().unwrap().last().unwrap()["kind"],
+        "heal"
+    );
+    let drift = status["drift"]["items"]["local"].as_array().unwrap();
+    assert_eq!(drift.len(), 1, "{status}");
+    assert!(drift[0]
+        .as_str()
+        .unwrap()
+        .starts_with("missing local/Process/web"));
+
+    // The agent scans on its own schedule and exports the count; the loop
+    // itself leaves drift to that policy (web stays missing: "report").
+    let before = status["drift"]["at"].as_str().unwrap().to_string();
+    let agent = Agent::start_with(&shop, &["--interval", "1h", "--drift-interval", "1s"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let scanned = agent
+            .try_status()
+            .and_then(|s| s["drift"]["at"].as_str().map(str::to_string));
+        if scanned.is_some_and(|at| at > before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never scanned\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, m) = http_get(agent.port, "/metrics").unwrap();
+    assert!(
+        m.contains("sluice_drift_resources{target=\"local\"} 1")
+            && m.contains("sluice_heals_total 1"),
+        "{m}"
+    );
+    assert!(
+        shop.get("web", "/").map(|(c, _)| c != 200).unwrap_or(true),
+        "the loop healed a report-only service"
+    );
+}
