@@ -146,8 +146,12 @@ enum Command {
     /// Internal: the traffic router, a long-lived process of its own.
     #[command(hide = true)]
     Router {
+        /// Admin API address (port 0: any free port, see --addr-file).
         #[arg(long)]
         admin: SocketAddr,
+        /// Where to write the admin address actually bound.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
         #[arg(long)]
         config: PathBuf,
     },
@@ -168,7 +172,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
         Command::Demo(args) => demo_runtime(args),
-        Command::Router { admin, config } => runtime(|| run::router(admin, config)),
+        Command::Router {
+            admin,
+            addr_file,
+            config,
+        } => runtime(|| run::router(admin, addr_file, config)),
         Command::Run {
             common,
             interval,

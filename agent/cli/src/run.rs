@@ -22,8 +22,16 @@ use crate::webhook::{self, Provider};
 use crate::{output, setup, Common};
 
 /// `sluice router`: serves until SIGTERM/SIGINT.
-pub async fn router(admin: SocketAddr, config: PathBuf) -> anyhow::Result<ExitCode> {
+pub async fn router(
+    admin: SocketAddr,
+    addr_file: Option<PathBuf>,
+    config: PathBuf,
+) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(admin).await?;
+    if let Some(f) = addr_file {
+        let bound = listener.local_addr()?.to_string();
+        sluice_core::store::write_file_atomic(&f, bound.as_bytes(), None)?;
+    }
     sluice_router::serve(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

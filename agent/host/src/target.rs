@@ -477,45 +477,59 @@ impl HostTarget {
     }
 
     /// The router's admin address, starting the router if it is not up.
+    /// The admin client of this target's router, if it runs. The router
+    /// binds an ephemeral port itself and writes it to `router.addr`, so no
+    /// other process can take its port between choosing and binding.
+    fn router_client(&self) -> Option<AdminClient> {
+        self.sup
+            .list()
+            .into_iter()
+            .find(|i| i.spec.key == ROUTER_KEY && i.alive)?;
+        let text = std::fs::read_to_string(self.cfg.state_dir.join("router.addr")).ok()?;
+        text.trim().parse::<SocketAddr>().ok().map(AdminClient::new)
+    }
+
+    /// The router's admin client, starting the router if it is not up.
     async fn router(&self) -> Result<AdminClient, TargetError> {
         let err = |reason: String| TargetError::Apply {
             id: format!("{}/router", self.cfg.name),
             reason,
         };
-        if let Some(i) = self
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let running = self
             .sup
             .list()
             .into_iter()
-            .find(|i| i.spec.key == ROUTER_KEY && i.alive)
-        {
-            let client = AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)));
-            let deadline = Instant::now() + Duration::from_secs(5);
+            .any(|i| i.spec.key == ROUTER_KEY && i.alive);
+        if running {
             while Instant::now() < deadline {
-                if client.healthy().await {
-                    return Ok(client);
+                if let Some(client) = self.router_client() {
+                    if client.healthy().await {
+                        return Ok(client);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            return Err(err(format!(
-                "the router (port {}) does not answer",
-                i.spec.port
-            )));
+            return Err(err(
+                "the router runs but its admin API does not answer".into()
+            ));
         }
-        let port = self
-            .allocate_port(&mut Vec::new())
-            .ok_or_else(|| err("no free port for the router".into()))?;
         let config = self.cfg.state_dir.join("router.json");
+        let addr_file = self.cfg.state_dir.join("router.addr");
+        let _ = std::fs::remove_file(&addr_file);
         let spec = LaunchSpec {
             key: ROUTER_KEY.into(),
             resource: String::new(),
             version: env!("CARGO_PKG_VERSION").into(),
             replica: 0,
-            port,
+            port: 0,
             command: self.cfg.exe.clone(),
             args: vec![
                 "router".into(),
                 "--admin".into(),
-                format!("127.0.0.1:{port}"),
+                "127.0.0.1:0".into(),
+                "--addr-file".into(),
+                addr_file.display().to_string(),
                 "--config".into(),
                 config.display().to_string(),
             ],
@@ -531,15 +545,16 @@ impl HostTarget {
             stop_timeout_ms: 5000,
             body: Value::Null,
             digest: String::new(),
-            readiness: Probe::Tcp,
+            readiness: Probe::Alive,
         };
         self.sup.start(&spec).await.map_err(err)?;
-        let client = AdminClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if client.healthy().await {
-                info!(target = %self.cfg.name, port, "router started");
-                return Ok(client);
+            if let Some(client) = self.router_client() {
+                if client.healthy().await {
+                    info!(target = %self.cfg.name, "router started");
+                    return Ok(client);
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -724,14 +739,8 @@ impl Target for HostTarget {
         let records = self.records();
         let instances = self.sup.list();
         let routes = if ids.iter().any(|i| i.kind == "Route") {
-            match instances
-                .iter()
-                .find(|i| i.spec.key == ROUTER_KEY && i.alive)
-            {
-                Some(i) => AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)))
-                    .get()
-                    .await
-                    .ok(),
+            match self.router_client() {
+                Some(client) => client.get().await.ok(),
                 None => None,
             }
         } else {
@@ -857,14 +866,9 @@ impl Target for HostTarget {
                 let routes_left = self.records().keys().any(|k| k.starts_with("Route/"));
                 if routes_left {
                     self.sync_routes().await
-                } else if let Some(i) = self
-                    .sup
-                    .list()
-                    .into_iter()
-                    .find(|i| i.spec.key == ROUTER_KEY && i.alive)
-                {
+                } else if let Some(client) = self.router_client() {
                     // No routes left: an empty table, the router keeps running.
-                    AdminClient::new(SocketAddr::from(([127, 0, 0, 1], i.spec.port)))
+                    client
                         .put(&RouterConfig::default())
                         .await
                         .map_err(|e| TargetError::Delete {
