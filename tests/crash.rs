@@ -108,19 +108,7 @@ fn a_crash_during_the_gate_of_a_bad_release_reverts_after_restart() {
         "duplicate or missing processes"
     );
     let v = agent.status();
-    let kinds: Vec<String> = v["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .map(|h| {
-            format!(
-                "{}:{}",
-                h["kind"].as_str().unwrap(),
-                h["outcome"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let kinds = common::history_kinds(&v);
     assert_eq!(
         kinds,
         ["deploy:succeeded", "deploy:failed", "revert:succeeded"],

@@ -252,18 +252,7 @@ fn a_bad_release_in_wave_2_reverts_wave_1_and_never_touches_wave_3() {
     let v: serde_json::Value =
         serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
     assert_eq!(v["targets"]["local"]["failed"]["commit"], bad.as_str());
-    let kinds: Vec<_> = v["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            format!(
-                "{}:{}",
-                h["kind"].as_str().unwrap(),
-                h["outcome"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let kinds = common::history_kinds(&v);
     assert_eq!(
         kinds,
         ["deploy:succeeded", "deploy:failed", "revert:succeeded"]

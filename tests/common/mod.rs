@@ -571,3 +571,21 @@ impl Drop for GitDaemon {
         self.stop();
     }
 }
+
+/// "kind:outcome" of every history entry of a status document, oldest first.
+pub fn history_kinds(status: &serde_json::Value) -> Vec<String> {
+    status["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["kind"].as_str().unwrap_or("?"),
+                        e["outcome"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

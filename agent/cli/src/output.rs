@@ -61,17 +61,13 @@ pub fn md_escape(s: &str) -> String {
 }
 
 pub fn plan_markdown(plan: &Plan) -> String {
-    use sluice_core::plan::{compact, Action};
+    use sluice_core::plan::compact;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "### sluice plan for `{}`\n\n{} to create, {} to update, {} to delete, {} unchanged, in {} wave(s).\n",
+        "### sluice plan for `{}`\n\n{}.\n",
         plan.revision.commit.short(),
-        plan.count(Action::Create),
-        plan.count(Action::Update),
-        plan.count(Action::Delete),
-        plan.count(Action::Unchanged),
-        plan.waves.len()
+        plan.summary()
     );
     for w in &plan.waves {
         let _ = writeln!(

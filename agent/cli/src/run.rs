@@ -409,7 +409,8 @@ async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 "drift": st.state.drift,
                 "targets": st.state.targets,
                 "resources": st.resources,
-                "history": st.history.iter().rev().take(50).collect::<Vec<_>>(),
+                // The newest 50, oldest first (as `sluice status -o json`).
+                "history": &st.history[st.history.len().saturating_sub(50)..],
                 "dora": output::dora(&st.history),
             });
             (StatusCode::OK, axum::Json(body)).into_response()

@@ -83,6 +83,18 @@ impl Plan {
         self.waves.iter().flat_map(|w| w.changes.iter())
     }
 
+    /// "2 to create, 1 to update, 0 to delete, 4 unchanged, in 2 wave(s)".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} to create, {} to update, {} to delete, {} unchanged, in {} wave(s)",
+            self.count(Action::Create),
+            self.count(Action::Update),
+            self.count(Action::Delete),
+            self.count(Action::Unchanged),
+            self.waves.len()
+        )
+    }
+
     pub fn count(&self, action: Action) -> usize {
         match action {
             Action::Unchanged => self.unchanged.len(),
@@ -262,15 +274,7 @@ pub fn to_text(plan: &Plan) -> String {
         );
         return s;
     }
-    let _ = writeln!(
-        s,
-        "{} to create, {} to update, {} to delete, {} unchanged, in {} wave(s)",
-        plan.count(Action::Create),
-        plan.count(Action::Update),
-        plan.count(Action::Delete),
-        plan.count(Action::Unchanged),
-        plan.waves.len()
-    );
+    let _ = writeln!(s, "{}", plan.summary());
     for w in &plan.waves {
         let kind = if w.prune {
             " (prune removed services)"
