@@ -722,9 +722,12 @@ fn kube_body(file: &str, offset: usize, value: &serde_yaml::Value) -> Result<Bod
 fn check_routes(resources: &[DesiredResource]) -> Result<(), RenderError> {
     for r in resources.iter().filter(|r| r.id.kind == "Route") {
         let process = r.body["spec"]["process"].as_str().unwrap_or_default();
-        let found = resources
-            .iter()
-            .any(|p| p.id.kind == "Process" && p.id.name == process && p.id.target == r.id.target);
+        let found = resources.iter().any(|p| {
+            p.id.kind == "Process"
+                && p.id.name == process
+                && p.id.target == r.id.target
+                && p.service == r.service
+        });
         if !found {
             return Err(RenderError::invalid(
                 &r.file,

@@ -773,7 +773,7 @@ impl Target for HostTarget {
                 let bytes: Vec<u8> = if let Some(b) = r.blobs.get(&a.sha256.to_ascii_lowercase()) {
                     b.as_ref().clone()
                 } else if let Some(url) = &a.url {
-                    fetch(&self.http, url).await.map_err(perr)?
+                    fetch(url).await.map_err(perr)?
                 } else {
                     return Err(perr("no content (neither url nor repository path)".into()));
                 };
@@ -894,7 +894,8 @@ fn spec_of<T: serde::de::DeserializeOwned>(r: &DesiredResource) -> Result<T, Tar
 }
 
 /// Downloads an artifact (https, file://, or http to loopback), capped.
-async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+/// The probe client's short timeout does not suit downloads: one of its own.
+async fn fetch(url: &str) -> Result<Vec<u8>, String> {
     const MAX: usize = 1 << 30;
     if let Some(path) = url.strip_prefix("file://") {
         return std::fs::read(path).map_err(|e| format!("reading {path}: {e}"));
@@ -907,7 +908,6 @@ async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
         .timeout(Duration::from_secs(300))
         .build()
         .map_err(|e| e.to_string())?;
-    let _ = http;
     let mut resp = client
         .get(url)
         .send()
