@@ -102,8 +102,16 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Commit, branch or tag to plan (default: the watched branch's head).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "head")]
         rev: Option<String>,
+        /// Pull-request report: the base branch (or commit) the head would
+        /// merge into. Shows head against live and against base, and the
+        /// drift the merge would overwrite.
+        #[arg(long)]
+        base: Option<String>,
+        /// The pull request's head (branch, `refs/pull/N/head`, commit).
+        #[arg(long, requires = "base")]
+        head: Option<String>,
     },
     /// One reconcile of one commit, then exit (CI, cron, VMs).
     Apply {
@@ -185,7 +193,12 @@ fn main() -> ExitCode {
             webhooks,
             drift,
         } => runtime(|| run::agent(common, interval, backoff_max, listen, webhooks, drift)),
-        Command::Plan { common, rev } => runtime(|| plan(common, rev)),
+        Command::Plan {
+            common,
+            rev,
+            base,
+            head,
+        } => runtime(|| plan(common, rev, base, head)),
         Command::Apply { common, rev, retry } => runtime(|| apply(common, rev, retry)),
         Command::Status { common } => runtime(|| status(common)),
         Command::Revert { common, to } => runtime(|| revert(common, to)),
@@ -254,8 +267,28 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
     ExitCode::from(if bad { 2 } else { 1 })
 }
 
-async fn plan(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
+async fn plan(
+    common: Common,
+    rev: Option<String>,
+    base: Option<String>,
+    head: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let engine = setup::engine(&common)?;
+    if let Some(base) = base {
+        let watched = engine.poll().await?;
+        let fetch = |r: String| {
+            let engine = &engine;
+            async move { engine.source.fetch_ref(&r).await.map_err(EngineError::from) }
+        };
+        let base = fetch(base).await?;
+        let head = match head {
+            Some(h) => fetch(h).await?,
+            None => watched,
+        };
+        let report = engine.report(&base, &head).await?;
+        output::report(common.output, &report);
+        return Ok(ExitCode::SUCCESS);
+    }
     let revision = match rev {
         Some(r) => {
             engine.poll().await.ok();

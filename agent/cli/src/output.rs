@@ -455,3 +455,151 @@ fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     Some(v[v.len() / 2])
 }
+
+/// GitHub's limit on a comment's size; reports stay under it.
+pub const COMMENT_LIMIT: usize = 65_536;
+
+/// The hidden marker a sticky pull-request comment is found again by.
+pub const REPORT_MARKER: &str = "<!-- sluice-report -->";
+
+pub fn report(format: Format, r: &sluice_core::engine::PrReport) {
+    match format {
+        Format::Json => print_json(r),
+        Format::Text => {
+            println!(
+                "Merging {} into {}:",
+                r.head.commit.short(),
+                r.base.commit.short()
+            );
+            println!("\n== against the live system ==");
+            print!("{}", to_text(&r.against_live));
+            println!("\n== against {} ==", r.base.commit.short());
+            print!("{}", to_text(&r.against_base));
+            if !r.drift_overwritten.is_empty() {
+                println!("\nDrift this merge would overwrite:");
+                for d in &r.drift_overwritten {
+                    println!("  {:?} {} ({})", d.kind, d.id, d.service);
+                }
+            }
+        }
+        Format::Markdown => print!("{}", report_markdown(r)),
+    }
+}
+
+/// The report as a pull-request comment: summary first, details folded,
+/// every value from a manifest escaped, and never over [`COMMENT_LIMIT`].
+pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
+    use sluice_core::engine::DriftKind;
+    let mut s = String::new();
+    let _ = writeln!(s, "{REPORT_MARKER}");
+    let _ = writeln!(
+        s,
+        "### sluice: merging `{}` into `{}`\n",
+        r.head.commit.short(),
+        r.base.commit.short()
+    );
+    let _ = writeln!(
+        s,
+        "- **Against the live system:** {}",
+        r.against_live.summary()
+    );
+    let _ = writeln!(
+        s,
+        "- **Against the base branch:** {}",
+        r.against_base.summary()
+    );
+    if r.drift_overwritten.is_empty() {
+        let _ = writeln!(s, "- **Drift:** none that this merge would overwrite");
+    } else {
+        let _ = writeln!(
+            s,
+            "- **Drift this merge would overwrite:** {} resource(s) changed by hand",
+            r.drift_overwritten.len()
+        );
+        for d in &r.drift_overwritten {
+            let kind = match d.kind {
+                DriftKind::Missing => "missing",
+                DriftKind::Modified => "modified",
+            };
+            let fields: Vec<String> = d.fields.iter().map(|f| md_escape(&f.path)).collect();
+            let _ = writeln!(
+                s,
+                "  - {kind} {} {}",
+                md_escape(&d.id.to_string()),
+                fields.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "- **Policies:** no policy pack is evaluated by this version\n"
+    );
+    if !r.against_live.waves.is_empty() {
+        let _ = writeln!(
+            s,
+            "| wave | ring | services | strategy |\n|---|---|---|---|"
+        );
+        for w in &r.against_live.waves {
+            let strategies: Vec<String> = w
+                .services
+                .iter()
+                .map(|sv| {
+                    r.against_live
+                        .strategies
+                        .get(sv)
+                        .map(|st| format!("{st:?}").to_lowercase())
+                        .unwrap_or_else(|| "prune".into())
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                w.index + 1,
+                w.ring,
+                md_escape(&w.services.join(", ")),
+                strategies.join(", ")
+            );
+        }
+        let _ = writeln!(s);
+    }
+    // Details, cut to fit: the summary above always survives.
+    let budget = COMMENT_LIMIT - 600;
+    for (title, plan) in [
+        ("Changes against the live system", &r.against_live),
+        ("Changes against the base branch", &r.against_base),
+    ] {
+        if plan.is_empty() {
+            continue;
+        }
+        let details = plan_markdown(plan);
+        let open = format!("<details><summary>{title}</summary>\n\n");
+        let close = "\n</details>\n";
+        if s.len() + open.len() + details.len() + close.len() <= budget {
+            s.push_str(&open);
+            s.push_str(&details);
+            s.push_str(close);
+        } else {
+            let room = budget.saturating_sub(s.len() + open.len() + close.len() + 200);
+            let mut cut = String::new();
+            for line in details.lines() {
+                if cut.len() + line.len() + 1 > room {
+                    break;
+                }
+                cut.push_str(line);
+                cut.push('\n');
+            }
+            s.push_str(&open);
+            s.push_str(&cut);
+            // Close a details block the cut may have left open.
+            if cut.matches("<details>").count() > cut.matches("</details>").count() {
+                s.push_str("\n</details>\n");
+            }
+            let _ = writeln!(
+                s,
+                "\n_…cut to fit a comment; run `sluice plan --base … --head …` for the rest._"
+            );
+            s.push_str(close);
+        }
+    }
+    s
+}

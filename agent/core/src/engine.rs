@@ -130,6 +130,20 @@ pub struct ResourceStatus {
     pub message: Option<String>,
 }
 
+/// What merging a pull request would do; rendered as its comment.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrReport {
+    pub base: Revision,
+    pub head: Revision,
+    /// Head against what runs now: what the merge will really change.
+    pub against_live: Plan,
+    /// Head against base: the change the pull request's diff describes.
+    pub against_base: Plan,
+    /// Changes made by hand that the merge would overwrite.
+    pub drift_overwritten: Vec<DriftItem>,
+}
+
 /// Drift of one target against the commit applied to it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DriftReport {
@@ -936,6 +950,67 @@ impl Engine {
         };
         self.mark(|s| s.drift = Some(scan))?;
         Ok(reports)
+    }
+
+    /// What merging `head` would do: its plan against the live system, its
+    /// plan against `base` (the branch diff, for reviewers), and the drift
+    /// in live that the merge would overwrite. Changes nothing live.
+    pub async fn report(&self, base: &Revision, head: &Revision) -> Result<PrReport, EngineError> {
+        let live_plan = self.prepare(head).await?;
+        let snapshot = self.source.snapshot(&base.commit, &self.limits).await?;
+        let base_r = render(&snapshot).map_err(|source| EngineError::Render {
+            commit: base.commit.to_string(),
+            source,
+        })?;
+        let as_live: BTreeMap<ResourceId, LiveResource> = base_r
+            .desired
+            .resources
+            .iter()
+            .map(|(id, r)| {
+                let l = LiveResource {
+                    id: id.clone(),
+                    body: r.body.clone(),
+                    health: Health::Healthy,
+                    message: None,
+                };
+                (id.clone(), l)
+            })
+            .collect();
+        let base_inventory: Inventory = base_r
+            .desired
+            .resources
+            .iter()
+            .map(|(id, r)| (id.clone(), r.service.clone()))
+            .collect();
+        let against_base = plan(
+            &live_plan.rendered.topology,
+            &live_plan.rendered.desired,
+            &as_live,
+            &base_inventory,
+        )
+        .map_err(|source| EngineError::Render {
+            commit: head.commit.to_string(),
+            source,
+        })?;
+        let changed: BTreeSet<&ResourceId> = live_plan.plan.changes().map(|c| &c.id).collect();
+        let drift = match self.drift(false).await {
+            Ok(reports) => reports
+                .into_iter()
+                .flat_map(|r| r.items)
+                .filter(|i| changed.contains(&i.id))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "drift scan for the report failed");
+                Vec::new()
+            }
+        };
+        Ok(PrReport {
+            base: base.clone(),
+            head: head.clone(),
+            against_live: live_plan.plan,
+            against_base,
+            drift_overwritten: drift,
+        })
     }
 
     /// Live health of everything in the inventory, per target.

@@ -308,6 +308,13 @@ pub trait Source: Send + Sync {
     /// object database. Never touches the network.
     async fn snapshot(&self, commit: &CommitId, limits: &Limits) -> Result<Snapshot, SourceError>;
 
+    /// Fetches another ref of the same remote (a pull request's branch,
+    /// `refs/pull/7/head`, a tag) and resolves it, for reports. Only
+    /// `resolve` by default, for sources that hold everything locally.
+    async fn fetch_ref(&self, name: &str) -> Result<Revision, SourceError> {
+        self.resolve(name).await
+    }
+
     /// Pins a commit (the applied or last good one) with a local ref so it
     /// stays in the local object database after a force-push removed it from
     /// the remote; `snapshot` and `resolve` keep working on it with the

@@ -420,6 +420,53 @@ impl Inner {
         })
     }
 
+    fn fetch_ref_blocking(&self, name: &str) -> Result<Revision, SourceError> {
+        let bad = name.is_empty()
+            || name.starts_with('-')
+            || name.contains("..")
+            || name.chars().any(|c| {
+                c.is_control()
+                    || c.is_whitespace()
+                    || matches!(c, ':' | '~' | '^' | '?' | '*' | '[' | '\\')
+            });
+        if bad {
+            return Err(SourceError::RefNotFound {
+                url: self.shown.clone(),
+                reference: name.chars().take(80).collect(),
+            });
+        }
+        {
+            let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
+            let repo = self.open()?;
+            let mut remote = repo
+                .remote_anonymous(&self.url)
+                .map_err(|e| self.list_err(&e))?;
+            let (source, dest) = if name.starts_with("refs/") {
+                (
+                    name.to_string(),
+                    format!("refs/sluice/fetched/{}", name.trim_start_matches("refs/")),
+                )
+            } else {
+                (format!("refs/heads/{name}"), tracking_ref(name))
+            };
+            let refspec = format!("+{source}:{dest}");
+            let mut fo = FetchOptions::new();
+            fo.remote_callbacks(self.callbacks())
+                .download_tags(AutotagOption::None);
+            remote
+                .fetch(&[refspec.as_str()], Some(&mut fo), None)
+                .map_err(|e| SourceError::Fetch {
+                    url: self.shown.clone(),
+                    reason: self.scrub(e.message()),
+                })?;
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            if let Ok(oid) = repo.refname_to_id(&dest) {
+                return revision(&repo, oid).map_err(|e| self.local_err(&e));
+            }
+        }
+        self.resolve_blocking(name)
+    }
+
     fn keep_blocking(&self, commit: &CommitId) -> Result<(), SourceError> {
         let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
         let repo = self.open()?;
@@ -499,6 +546,12 @@ impl Source for GitSource {
         let s = self.0.clone();
         let (commit, limits) = (commit.clone(), *limits);
         blocking(move || s.snapshot_blocking(&commit, &limits)).await
+    }
+
+    async fn fetch_ref(&self, name: &str) -> Result<Revision, SourceError> {
+        let s = self.0.clone();
+        let name = name.to_string();
+        blocking(move || s.fetch_ref_blocking(&name)).await
     }
 
     async fn keep(&self, commit: &CommitId) -> Result<(), SourceError> {
