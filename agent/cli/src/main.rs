@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod forge;
 mod output;
 mod run;
 mod setup;
@@ -69,6 +70,47 @@ pub struct Common {
     pub allow_insecure: bool,
 }
 
+/// Where reports and revert pull requests go.
+#[derive(Args, Clone, Debug)]
+pub struct ForgeArgs {
+    #[arg(long, value_enum, env = "SLUICE_FORGE")]
+    pub forge: forge::Kind,
+    /// API root (default: https://api.github.com or https://gitlab.com/api/v4).
+    #[arg(long, env = "SLUICE_FORGE_API")]
+    pub forge_api: Option<String>,
+    /// owner/name (GitHub) or the project path or id (GitLab).
+    #[arg(long, env = "SLUICE_FORGE_PROJECT")]
+    pub project: String,
+    /// File holding the forge token (else SLUICE_FORGE_TOKEN).
+    #[arg(long, env = "SLUICE_FORGE_TOKEN_FILE")]
+    pub forge_token_file: Option<PathBuf>,
+}
+
+impl ForgeArgs {
+    pub fn connect(&self) -> Result<forge::Forge, setup::ConfigError> {
+        let token = match &self.forge_token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| {
+                    setup::ConfigError(format!("--forge-token-file {}: {e}", f.display()))
+                })?
+                .trim()
+                .to_string(),
+            None => std::env::var("SLUICE_FORGE_TOKEN").unwrap_or_default(),
+        };
+        if token.is_empty() {
+            return Err(setup::ConfigError(
+                "a forge token is needed: SLUICE_FORGE_TOKEN or --forge-token-file".into(),
+            ));
+        }
+        let api = self.forge_api.clone().unwrap_or_else(|| match self.forge {
+            forge::Kind::Github => "https://api.github.com".into(),
+            forge::Kind::Gitlab => "https://gitlab.com/api/v4".into(),
+        });
+        forge::Forge::new(self.forge, &api, &self.project, &token)
+            .map_err(|e| setup::ConfigError(e.to_string()))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -128,6 +170,23 @@ enum Command {
     Status {
         #[command(flatten)]
         common: Common,
+    },
+    /// Post the pull-request report as one sticky comment (updated in place
+    /// on every push) and set the `sluice` commit status on its head.
+    Report {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        target: ForgeArgs,
+        /// Pull (merge) request number.
+        #[arg(long)]
+        pr: u64,
+        /// Base branch of the pull request.
+        #[arg(long)]
+        base: String,
+        /// Its head: branch, `refs/pull/N/head` or commit.
+        #[arg(long)]
+        head: String,
     },
     /// One drift scan: live against the applied commit, per target.
     Drift {
@@ -202,6 +261,13 @@ fn main() -> ExitCode {
         Command::Apply { common, rev, retry } => runtime(|| apply(common, rev, retry)),
         Command::Status { common } => runtime(|| status(common)),
         Command::Revert { common, to } => runtime(|| revert(common, to)),
+        Command::Report {
+            common,
+            target,
+            pr,
+            base,
+            head,
+        } => runtime(|| report(common, target, pr, base, head)),
         Command::Drift {
             common,
             heal,
@@ -386,4 +452,68 @@ async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<Ex
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn report(
+    common: Common,
+    target: ForgeArgs,
+    pr: u64,
+    base: String,
+    head: String,
+) -> anyhow::Result<ExitCode> {
+    let forge = target.connect()?;
+    let engine = setup::engine(&common)?;
+    if let Err(e) = engine.poll().await {
+        tracing::warn!(error = %e, "poll failed; using the local copy");
+    }
+    let head_rev = engine
+        .source
+        .fetch_ref(&head)
+        .await
+        .map_err(EngineError::from)?;
+    let sha = head_rev.commit.to_string();
+    forge
+        .set_status(
+            &sha,
+            forge::State::Pending,
+            "sluice is planning this change",
+        )
+        .await?;
+    let base_rev = engine
+        .source
+        .fetch_ref(&base)
+        .await
+        .map_err(EngineError::from)?;
+    match engine.report(&base_rev, &head_rev).await {
+        Ok(report) => {
+            let body = output::report_markdown(&report);
+            let id = forge.upsert_report(pr, &body).await?;
+            let description = format!(
+                "{}; {} drifted resource(s) would be overwritten",
+                report.against_live.summary(),
+                report.drift_overwritten.len()
+            );
+            forge
+                .set_status(&sha, forge::State::Success, &description)
+                .await?;
+            output::line(
+                common.output,
+                "posted",
+                &format!("report posted on #{pr} (comment {id})"),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let body = format!(
+                "{}\n### sluice: this change cannot be applied\n\n{}\n",
+                output::REPORT_MARKER,
+                output::md_escape(&e.to_string())
+            );
+            forge.upsert_report(pr, &body).await?;
+            forge
+                .set_status(&sha, forge::State::Failure, &e.to_string())
+                .await?;
+            Err(e.into())
+        }
+    }
 }
