@@ -261,6 +261,18 @@ fn a_bad_release_in_wave_2_reverts_wave_1_and_never_touches_wave_3() {
         .as_str()
         .unwrap()
         .contains("orders"));
+    // Status says what to revert so git says again what is live.
+    let text = shop.sluice(&["status"]);
+    assert!(
+        text.stdout.contains(&format!("git revert {bad}")),
+        "{}",
+        text.all()
+    );
+    assert!(
+        text.stdout.contains("Last abort: wave 2, gate apply"),
+        "{}",
+        text.all()
+    );
     // A deliberate retry runs it again, and says so in the history.
     let retry = shop.sluice(&["apply", "--retry"]);
     assert_eq!(retry.code, 1, "{}", retry.all());

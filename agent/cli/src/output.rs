@@ -303,6 +303,15 @@ pub fn status_text(s: &Status) -> String {
                 f.commit.short(),
                 f.reason
             );
+            // Git should say again what is live: name the revert to make.
+            if src.last_seen.as_ref().is_some_and(|h| h.commit == f.commit) {
+                let _ = writeln!(
+                    out,
+                    "  git still says {}: make it say what is live with `git revert {}` (or push a fix)",
+                    f.commit.short(),
+                    f.commit
+                );
+            }
         }
         if let Some(e) = &rec.last_error {
             let _ = writeln!(out, "  last error: {e}");
