@@ -102,6 +102,9 @@ fn handle(
             }
             json!({"id": id})
         }
+        "POST" if path.ends_with("/pulls") => {
+            json!({"number": 8, "html_url": "http://forge.test/acme/shop/pull/8"})
+        }
         _ => json!({"ok": true}),
     };
     axum::Json(reply)
@@ -196,4 +199,69 @@ fn one_sticky_comment_per_pull_request_updated_in_place_with_a_commit_status() {
             "{forge}: status not on the head commit"
         );
     }
+}
+
+#[test]
+fn a_failed_rollout_opens_a_pull_request_that_reverts_it_in_git() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    // A real git server that accepts pushes, on 127.0.0.1.
+    let daemon = common::GitDaemon::start(shop.tmp.path());
+    let url = daemon.url("repo");
+    let (port, fake, _server) = serve();
+    let apply = || {
+        let mut cmd = std::process::Command::new(SLUICE);
+        cmd.args(["apply", "--repo", &url, "--allow-insecure"])
+            .args([
+                "--state-dir",
+                &shop.state().display().to_string(),
+                "--file-root",
+                &shop.file_root().display().to_string(),
+            ])
+            .args([
+                "--forge",
+                "github",
+                "--forge-api",
+                &format!("http://127.0.0.1:{port}"),
+                "--project",
+                "acme/shop",
+            ])
+            .env("SLUICE_FORGE_TOKEN", "tok-s3cret-123");
+        run_with_timeout(cmd, Duration::from_secs(120))
+    };
+    assert_eq!(apply().code, 0);
+    let good = shop.head();
+    shop.set_versions(&["2.0.0"; 3]);
+    shop.edit(
+        "services/orders/orders.yaml",
+        "\"demo\",",
+        "\"demo\", \"--never-ready\",",
+    );
+    let bad = shop.commit("bad orders");
+    let out = apply();
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(!out.all().contains("tok-s3cret"), "token printed");
+
+    let branch = format!("sluice/revert-{}", &bad[..10]);
+    let f = fake.lock().unwrap();
+    let pr = f
+        .requests
+        .iter()
+        .find(|r| r.1 == "/repos/acme/shop/pulls")
+        .unwrap_or_else(|| panic!("no pull request opened\n{}", out.all()));
+    assert_eq!(pr.2["head"], branch.as_str());
+    assert_eq!(pr.2["base"], "main");
+    let body = pr.2["body"].as_str().unwrap();
+    assert!(
+        body.contains(&bad) && body.contains("Decision: wave 2, gate apply"),
+        "{body}"
+    );
+    // The branch holds exactly the last good state.
+    let diff = git(&shop.repo(), &["diff", "--stat", &good, &branch]);
+    assert!(diff.is_empty(), "{diff}");
+    let status: Value =
+        serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(
+        status["targets"]["local"]["failed"]["revertPr"],
+        "http://forge.test/acme/shop/pull/8"
+    );
 }

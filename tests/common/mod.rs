@@ -531,6 +531,7 @@ impl GitDaemon {
                 "daemon",
                 "--reuseaddr",
                 "--export-all",
+                "--enable=receive-pack",
                 "--listen=127.0.0.1",
             ])
             .arg(format!("--port={}", self.port))

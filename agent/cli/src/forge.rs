@@ -217,3 +217,18 @@ impl Forge {
             .to_string())
     }
 }
+
+#[async_trait::async_trait]
+impl sluice_core::target::PullRequests for Forge {
+    async fn open(
+        &self,
+        branch: &str,
+        base: &str,
+        title: &str,
+        body: &str,
+    ) -> Result<String, String> {
+        self.open_pull_request(branch, base, title, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -68,26 +68,37 @@ pub struct Common {
     /// server). Off by default, as in Flux.
     #[arg(long, env = "SLUICE_ALLOW_INSECURE")]
     pub allow_insecure: bool,
+    #[command(flatten)]
+    pub forge: ForgeArgs,
 }
 
-/// Where reports and revert pull requests go.
+/// Where reports and revert pull requests go (optional for every command
+/// but `report`).
 #[derive(Args, Clone, Debug)]
 pub struct ForgeArgs {
     #[arg(long, value_enum, env = "SLUICE_FORGE")]
-    pub forge: forge::Kind,
+    pub forge: Option<forge::Kind>,
     /// API root (default: https://api.github.com or https://gitlab.com/api/v4).
     #[arg(long, env = "SLUICE_FORGE_API")]
     pub forge_api: Option<String>,
     /// owner/name (GitHub) or the project path or id (GitLab).
     #[arg(long, env = "SLUICE_FORGE_PROJECT")]
-    pub project: String,
+    pub project: Option<String>,
     /// File holding the forge token (else SLUICE_FORGE_TOKEN).
     #[arg(long, env = "SLUICE_FORGE_TOKEN_FILE")]
     pub forge_token_file: Option<PathBuf>,
 }
 
 impl ForgeArgs {
-    pub fn connect(&self) -> Result<forge::Forge, setup::ConfigError> {
+    /// The forge, or None when none is configured.
+    pub fn connect(&self) -> Result<Option<forge::Forge>, setup::ConfigError> {
+        let Some(kind) = self.forge else {
+            return Ok(None);
+        };
+        let project = self
+            .project
+            .as_deref()
+            .ok_or_else(|| setup::ConfigError("--project is needed with --forge".into()))?;
         let token = match &self.forge_token_file {
             Some(f) => std::fs::read_to_string(f)
                 .map_err(|e| {
@@ -102,11 +113,12 @@ impl ForgeArgs {
                 "a forge token is needed: SLUICE_FORGE_TOKEN or --forge-token-file".into(),
             ));
         }
-        let api = self.forge_api.clone().unwrap_or_else(|| match self.forge {
+        let api = self.forge_api.clone().unwrap_or_else(|| match kind {
             forge::Kind::Github => "https://api.github.com".into(),
             forge::Kind::Gitlab => "https://gitlab.com/api/v4".into(),
         });
-        forge::Forge::new(self.forge, &api, &self.project, &token)
+        forge::Forge::new(kind, &api, project, &token)
+            .map(Some)
             .map_err(|e| setup::ConfigError(e.to_string()))
     }
 }
@@ -176,8 +188,6 @@ enum Command {
     Report {
         #[command(flatten)]
         common: Common,
-        #[command(flatten)]
-        target: ForgeArgs,
         /// Pull (merge) request number.
         #[arg(long)]
         pr: u64,
@@ -263,11 +273,10 @@ fn main() -> ExitCode {
         Command::Revert { common, to } => runtime(|| revert(common, to)),
         Command::Report {
             common,
-            target,
             pr,
             base,
             head,
-        } => runtime(|| report(common, target, pr, base, head)),
+        } => runtime(|| report(common, pr, base, head)),
         Command::Drift {
             common,
             heal,
@@ -454,14 +463,10 @@ async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<Ex
     })
 }
 
-async fn report(
-    common: Common,
-    target: ForgeArgs,
-    pr: u64,
-    base: String,
-    head: String,
-) -> anyhow::Result<ExitCode> {
-    let forge = target.connect()?;
+async fn report(common: Common, pr: u64, base: String, head: String) -> anyhow::Result<ExitCode> {
+    let forge = common.forge.connect()?.ok_or_else(|| {
+        setup::ConfigError("sluice report needs --forge github|gitlab and --project".into())
+    })?;
     let engine = setup::engine(&common)?;
     if let Err(e) = engine.poll().await {
         tracing::warn!(error = %e, "poll failed; using the local copy");

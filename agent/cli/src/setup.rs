@@ -91,6 +91,10 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         limits: Limits::default(),
         gate_poll: Duration::from_millis(100),
         gate_factories: Vec::new(),
+        forge: common
+            .forge
+            .connect()?
+            .map(|f| Arc::new(f) as Arc<dyn sluice_core::target::PullRequests>),
     })
 }
 

@@ -36,7 +36,7 @@ use crate::store::{
     AgentState, Decision, Deployed, DriftScan, Failed, HistoryEntry, HistoryKind, InProgress,
     Outcome, StateStore, StoreError, TargetRecord,
 };
-use crate::target::{Target, TargetError, TargetProvider};
+use crate::target::{PullRequests, Target, TargetError, TargetProvider};
 
 /// What went wrong in one reconcile, by the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +183,8 @@ pub struct Engine {
     pub gate_poll: Duration,
     /// Gates beyond health and soak (canary analysis plugs in here).
     pub gate_factories: Vec<Arc<dyn GateFactory>>,
+    /// Where revert pull requests go after an automatic revert.
+    pub forge: Option<Arc<dyn PullRequests>>,
 }
 
 impl Engine {
@@ -444,6 +446,7 @@ impl Engine {
                             commit: revision.commit.clone(),
                             reason: reason.clone(),
                             at: self.clock.now(),
+                            revert_pr: None,
                         });
                     }
                     rec.last_error = Some(reason.clone());
@@ -456,6 +459,10 @@ impl Engine {
                     self.mark(|s| s.in_progress = None)?;
                     None
                 };
+                if let (Some(good), Some(forge)) = (&reverted_to, &self.forge) {
+                    self.write_back(forge.as_ref(), &revision, good, &entry)
+                        .await;
+                }
                 Ok(Reconciled::Reverted {
                     plan: prepared.plan,
                     error: reason,
@@ -801,6 +808,7 @@ impl Engine {
                 let target_commit = to.or(rec.last_good.as_ref().map(|d| &d.commit));
                 if Some(&applied.commit) != target_commit {
                     rec.failed = Some(Failed {
+                        revert_pr: None,
                         commit: applied.commit.clone(),
                         reason: format!(
                             "reverted by hand to {}",
@@ -1052,6 +1060,61 @@ impl Engine {
             resources,
             history: self.store.history()?,
         })
+    }
+
+    /// Opens a pull request reverting the failed commit, so git says again
+    /// what is live; records its URL with the failure. Failures here are
+    /// logged, never fatal: the live system is already back.
+    async fn write_back(
+        &self,
+        forge: &dyn PullRequests,
+        failed: &Revision,
+        good: &CommitId,
+        entry: &HistoryEntry,
+    ) {
+        let Some(base) = self.source.watched_branch() else {
+            warn!("no watched branch known; not opening a revert pull request");
+            return;
+        };
+        let decision = entry
+            .decision
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "Decision: wave {}, gate {}: {} (threshold: {}), at {}.",
+                    d.wave + 1,
+                    d.gate,
+                    d.measurement,
+                    d.threshold,
+                    d.at.to_rfc3339()
+                )
+            })
+            .unwrap_or_default();
+        let title = format!("Revert \"{}\"", failed.summary);
+        let body = format!(
+            "This reverts commit {}: its rollout failed and sluice put the live system back to {}.\n\n{}\n\nMerging this makes git say again what is live.",
+            failed.commit, good, decision
+        );
+        let message = format!("{title}\n\n{body}\n");
+        let result = match self.source.push_revert(&failed.commit, &message).await {
+            Ok(branch) => forge.open(&branch, &base, &title, &body).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(url) => {
+                info!(commit = %failed.commit, url = %url, "revert pull request opened");
+                let _ = self.mark(|s| {
+                    for rec in s.targets.values_mut() {
+                        if let Some(f) = rec.failed.as_mut().filter(|f| f.commit == failed.commit) {
+                            f.revert_pr = Some(url.clone());
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(commit = %failed.commit, error = %e, "could not open the revert pull request")
+            }
+        }
     }
 
     /// Records `prepared`'s commit as applied and good on each of its
@@ -1337,6 +1400,7 @@ mod tests {
             limits: Limits::default(),
             gate_poll: Duration::from_millis(10),
             gate_factories: Vec::new(),
+            forge: None,
         };
         (engine, source, target, dir)
     }

@@ -315,11 +315,27 @@ pub trait Source: Send + Sync {
         self.resolve(name).await
     }
 
+    /// Writes a commit reverting `failed` on top of the watched branch's
+    /// head and pushes it as a new branch, so a pull request can make git
+    /// say again what is live. Returns the branch name.
+    async fn push_revert(&self, failed: &CommitId, message: &str) -> Result<String, SourceError> {
+        let _ = message;
+        Err(SourceError::Local {
+            path: String::new(),
+            reason: format!("this source cannot push a revert of {failed}"),
+        })
+    }
+
     /// Pins a commit (the applied or last good one) with a local ref so it
     /// stays in the local object database after a force-push removed it from
     /// the remote; `snapshot` and `resolve` keep working on it with the
     /// remote down. Idempotent.
     async fn keep(&self, commit: &CommitId) -> Result<(), SourceError>;
+
+    /// The branch followed (known after a successful poll).
+    fn watched_branch(&self) -> Option<String> {
+        None
+    }
 
     /// A description of the source for status and logs, credentials removed.
     fn describe(&self) -> String;

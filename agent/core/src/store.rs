@@ -43,6 +43,9 @@ pub struct Failed {
     pub commit: CommitId,
     pub reason: String,
     pub at: DateTime<Utc>,
+    /// The pull request sluice opened to revert it in git, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_pr: Option<String>,
 }
 
 /// Everything the agent remembers about one target.

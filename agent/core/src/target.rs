@@ -69,3 +69,17 @@ pub trait TargetProvider: Send + Sync {
     /// Which target kinds this agent can drive (for a clear error).
     fn supports(&self, kind: TargetKind) -> bool;
 }
+
+/// A forge that can open pull requests: how sluice writes a revert back to
+/// git so that git says again what is live.
+#[async_trait::async_trait]
+pub trait PullRequests: Send + Sync {
+    /// Opens a pull request from `branch` into `base`; returns its URL.
+    async fn open(
+        &self,
+        branch: &str,
+        base: &str,
+        title: &str,
+        body: &str,
+    ) -> Result<String, String>;
+}

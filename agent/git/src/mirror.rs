@@ -467,6 +467,70 @@ impl Inner {
         self.resolve_blocking(name)
     }
 
+    fn push_revert_blocking(
+        &self,
+        failed: &CommitId,
+        message: &str,
+    ) -> Result<String, SourceError> {
+        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
+        let repo = self.open()?;
+        let branch = self
+            .branch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| SourceError::Local {
+                path: self.mirror().display().to_string(),
+                reason: "the watched branch is not known yet (no successful poll)".into(),
+            })?;
+        let head_id = repo
+            .refname_to_id(&tracking_ref(&branch))
+            .map_err(|e| self.local_err(&e))?;
+        let head = repo.find_commit(head_id).map_err(|e| self.local_err(&e))?;
+        let bad = repo
+            .find_commit(Oid::from_str(failed.as_str()).map_err(|e| self.local_err(&e))?)
+            .map_err(|e| self.local_err(&e))?;
+        let mut index = repo
+            .revert_commit(&bad, &head, 0, None)
+            .map_err(|e| self.local_err(&e))?;
+        if index.has_conflicts() {
+            return Err(SourceError::Local {
+                path: self.mirror().display().to_string(),
+                reason: format!(
+                    "reverting {} conflicts with later commits; revert it by hand",
+                    failed.short()
+                ),
+            });
+        }
+        let tree_id = index.write_tree_to(&repo).map_err(|e| self.local_err(&e))?;
+        let tree = repo.find_tree(tree_id).map_err(|e| self.local_err(&e))?;
+        let sig =
+            git2::Signature::now("sluice", "sluice@localhost").map_err(|e| self.local_err(&e))?;
+        let commit = repo
+            .commit(None, &sig, &sig, message, &tree, &[&head])
+            .map_err(|e| self.local_err(&e))?;
+        let name = format!("sluice/revert-{}", failed.short());
+        let local = format!("refs/sluice/revert/{}", failed.short());
+        repo.reference(&local, commit, true, "sluice: revert")
+            .map_err(|e| self.local_err(&e))?;
+        let mut remote = repo
+            .remote_anonymous(&self.url)
+            .map_err(|e| self.list_err(&e))?;
+        let mut po = git2::PushOptions::new();
+        po.remote_callbacks(self.callbacks());
+        remote
+            .push(
+                &[format!("+{local}:refs/heads/{name}").as_str()],
+                Some(&mut po),
+            )
+            .map_err(|e| SourceError::Fetch {
+                url: self.shown.clone(),
+                reason: format!("pushing {name}: {}", self.scrub(e.message())),
+            })?;
+        info!(url = %self.shown, branch = %name, "revert pushed");
+        Ok(name)
+    }
+
     fn keep_blocking(&self, commit: &CommitId) -> Result<(), SourceError> {
         let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
         let repo = self.open()?;
@@ -554,10 +618,24 @@ impl Source for GitSource {
         blocking(move || s.fetch_ref_blocking(&name)).await
     }
 
+    async fn push_revert(&self, failed: &CommitId, message: &str) -> Result<String, SourceError> {
+        let s = self.0.clone();
+        let (failed, message) = (failed.clone(), message.to_string());
+        blocking(move || s.push_revert_blocking(&failed, &message)).await
+    }
+
     async fn keep(&self, commit: &CommitId) -> Result<(), SourceError> {
         let s = self.0.clone();
         let commit = commit.clone();
         blocking(move || s.keep_blocking(&commit)).await
+    }
+
+    fn watched_branch(&self) -> Option<String> {
+        self.0
+            .branch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn describe(&self) -> String {
