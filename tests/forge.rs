@@ -265,3 +265,62 @@ fn a_failed_rollout_opens_a_pull_request_that_reverts_it_in_git() {
         "http://forge.test/acme/shop/pull/8"
     );
 }
+
+#[test]
+fn a_pull_request_webhook_posts_its_report() {
+    use hmac::{Hmac, Mac};
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let (port, fake, _server) = serve();
+    let agent = common::Agent::start_with(
+        &shop,
+        &[
+            "--interval",
+            "1h",
+            "--forge",
+            "github",
+            "--forge-api",
+            &format!("http://127.0.0.1:{port}"),
+            "--project",
+            "acme/shop",
+        ],
+        &[
+            ("SLUICE_GITHUB_WEBHOOK_SECRET", "hook"),
+            ("SLUICE_FORGE_TOKEN", "tok-s3cret-123"),
+        ],
+    );
+    agent.wait_idle();
+    feature_branch(&shop, "1.3.0");
+    git(&shop.repo(), &["update-ref", "refs/pull/7/head", "feature"]);
+    let body = br#"{"action":"synchronize","number":7,"pull_request":{"base":{"ref":"main"}}}"#;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"hook").unwrap();
+    mac.update(body);
+    let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let client = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let code = client
+        .post(format!("http://127.0.0.1:{}/webhook/github", agent.port))
+        .header("x-github-event", "pull_request")
+        .header("x-hub-signature-256", sig)
+        .body(body.to_vec())
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(code.as_u16(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let posted = fake.lock().unwrap().comments.first().map(|c| c.1.clone());
+        if let Some(b) = posted {
+            assert!(b.contains("\"1.0.0\" → \"1.3.0\""), "{b}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report posted\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!agent.log().contains("tok-s3cret"), "token logged");
+}

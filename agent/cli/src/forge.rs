@@ -232,3 +232,55 @@ impl sluice_core::target::PullRequests for Forge {
             .map_err(|e| e.to_string())
     }
 }
+
+/// Plans `head` against `base` and live, then posts the report on pull
+/// request `pr` (one sticky comment) with a commit status on the head:
+/// pending while planning, then success, or failure with the reason.
+/// Returns the comment's id.
+pub async fn post_report(
+    engine: &sluice_core::engine::Engine,
+    forge: &Forge,
+    pr: u64,
+    base: &str,
+    head: &str,
+) -> anyhow::Result<u64> {
+    use sluice_core::engine::EngineError;
+    let head_rev = engine
+        .source
+        .fetch_ref(head)
+        .await
+        .map_err(EngineError::from)?;
+    let sha = head_rev.commit.to_string();
+    forge
+        .set_status(&sha, State::Pending, "sluice is planning this change")
+        .await?;
+    let base_rev = engine
+        .source
+        .fetch_ref(base)
+        .await
+        .map_err(EngineError::from)?;
+    match engine.report(&base_rev, &head_rev).await {
+        Ok(report) => {
+            let body = crate::output::report_markdown(&report);
+            let id = forge.upsert_report(pr, &body).await?;
+            let description = format!(
+                "{}; {} drifted resource(s) would be overwritten",
+                report.against_live.summary(),
+                report.drift_overwritten.len()
+            );
+            forge.set_status(&sha, State::Success, &description).await?;
+            Ok(id)
+        }
+        Err(e) => {
+            let body = format!(
+                "{REPORT_MARKER}\n### sluice: this change cannot be applied\n\n{}\n",
+                crate::output::md_escape(&e.to_string())
+            );
+            forge.upsert_report(pr, &body).await?;
+            forge
+                .set_status(&sha, State::Failure, &e.to_string())
+                .await?;
+            Err(e.into())
+        }
+    }
+}

@@ -349,8 +349,10 @@ async fn plan(
     head: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let engine = setup::engine(&common)?;
+    // Read-only commands poll the source without recording it: the state
+    // belongs to whoever holds the apply lock.
     if let Some(base) = base {
-        let watched = engine.poll().await?;
+        let watched = engine.source.poll().await.map_err(EngineError::from)?;
         let fetch = |r: String| {
             let engine = &engine;
             async move { engine.source.fetch_ref(&r).await.map_err(EngineError::from) }
@@ -366,10 +368,10 @@ async fn plan(
     }
     let revision = match rev {
         Some(r) => {
-            engine.poll().await.ok();
+            engine.source.poll().await.ok();
             engine.source.resolve(&r).await.map_err(EngineError::from)?
         }
-        None => engine.poll().await?,
+        None => engine.source.poll().await.map_err(EngineError::from)?,
     };
     let prepared = engine.prepare(&revision).await?;
     output::plan(common.output, &prepared.plan);
@@ -447,13 +449,10 @@ async fn revert(common: Common, to: Option<String>) -> anyhow::Result<ExitCode> 
 
 async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<ExitCode> {
     let engine = setup::engine(&common)?;
-    let reports = if heal {
-        let store = setup::store(&common)?;
-        let _lock = store.lock().map_err(EngineError::from)?;
-        engine.drift(true).await?
-    } else {
-        engine.drift(false).await?
-    };
+    // A scan writes the state (and a heal applies): one writer at a time.
+    let store = setup::store(&common)?;
+    let _lock = store.lock().map_err(EngineError::from)?;
+    let reports = engine.drift(heal).await?;
     output::drift(common.output, &reports);
     let drifted = reports.iter().any(|r| r.items.len() > r.healed.len());
     Ok(if exit_code && drifted {
@@ -468,57 +467,14 @@ async fn report(common: Common, pr: u64, base: String, head: String) -> anyhow::
         setup::ConfigError("sluice report needs --forge github|gitlab and --project".into())
     })?;
     let engine = setup::engine(&common)?;
-    if let Err(e) = engine.poll().await {
+    if let Err(e) = engine.source.poll().await {
         tracing::warn!(error = %e, "poll failed; using the local copy");
     }
-    let head_rev = engine
-        .source
-        .fetch_ref(&head)
-        .await
-        .map_err(EngineError::from)?;
-    let sha = head_rev.commit.to_string();
-    forge
-        .set_status(
-            &sha,
-            forge::State::Pending,
-            "sluice is planning this change",
-        )
-        .await?;
-    let base_rev = engine
-        .source
-        .fetch_ref(&base)
-        .await
-        .map_err(EngineError::from)?;
-    match engine.report(&base_rev, &head_rev).await {
-        Ok(report) => {
-            let body = output::report_markdown(&report);
-            let id = forge.upsert_report(pr, &body).await?;
-            let description = format!(
-                "{}; {} drifted resource(s) would be overwritten",
-                report.against_live.summary(),
-                report.drift_overwritten.len()
-            );
-            forge
-                .set_status(&sha, forge::State::Success, &description)
-                .await?;
-            output::line(
-                common.output,
-                "posted",
-                &format!("report posted on #{pr} (comment {id})"),
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let body = format!(
-                "{}\n### sluice: this change cannot be applied\n\n{}\n",
-                output::REPORT_MARKER,
-                output::md_escape(&e.to_string())
-            );
-            forge.upsert_report(pr, &body).await?;
-            forge
-                .set_status(&sha, forge::State::Failure, &e.to_string())
-                .await?;
-            Err(e.into())
-        }
-    }
+    let id = forge::post_report(&engine, &forge, pr, &base, &head).await?;
+    output::line(
+        common.output,
+        "posted",
+        &format!("report posted on #{pr} (comment {id})"),
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -70,6 +70,8 @@ struct Shared {
     /// refused.
     github_secret: Option<Vec<u8>>,
     gitlab_token: Option<Vec<u8>>,
+    /// Where pull-request reports go (None: reports are not posted).
+    forge: Option<Arc<crate::forge::Forge>>,
     store: sluice_core::store::FileStore,
     metrics: Metrics,
     /// Woken by webhooks (and tests) to reconcile without waiting.
@@ -160,6 +162,7 @@ pub async fn agent(
         branch: common.branch.clone(),
         github_secret,
         gitlab_token,
+        forge: common.forge.connect()?.map(Arc::new),
         store,
         metrics: Metrics::default(),
         wake: Notify::new(),
@@ -370,7 +373,7 @@ fn refuse(provider: &str, why: webhook::Refused, bytes: usize) -> Response {
     (code, format!("{why}\n")).into_response()
 }
 
-fn on_event(s: &Shared, provider: &str, event: webhook::Event) -> Response {
+fn on_event(s: &Shared, provider: &'static str, event: webhook::Event) -> Response {
     match event {
         webhook::Event::Push { branch } => {
             let watched = match (&s.branch, &branch) {
@@ -386,13 +389,25 @@ fn on_event(s: &Shared, provider: &str, event: webhook::Event) -> Response {
                 (StatusCode::ACCEPTED, "push to another branch; ignored\n").into_response()
             }
         }
-        webhook::Event::PullRequest { number } => {
-            info!(
-                provider,
-                number, "pull request webhook (reports are not posted by this version)"
-            );
-            (StatusCode::ACCEPTED, "pull request noted\n").into_response()
-        }
+        webhook::Event::PullRequest { number, base, head } => match &s.forge {
+            Some(forge) => {
+                info!(provider, number, "pull request webhook: posting its report");
+                let (engine, forge) = (s.engine.clone(), forge.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        crate::forge::post_report(&engine, &forge, number, &base, &head).await
+                    {
+                        warn!(number, error = %e, "pull request report failed");
+                    }
+                });
+                (StatusCode::ACCEPTED, "report requested\n").into_response()
+            }
+            None => (
+                StatusCode::ACCEPTED,
+                "no forge configured; no report posted\n",
+            )
+                .into_response(),
+        },
         webhook::Event::Other(kind) => {
             (StatusCode::OK, format!("event {kind:?} ignored\n")).into_response()
         }

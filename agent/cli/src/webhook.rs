@@ -40,8 +40,13 @@ pub enum Refused {
 pub enum Event {
     /// A push to `branch` (None when the ref is not a branch).
     Push { branch: Option<String> },
-    /// A pull/merge request opened or updated.
-    PullRequest { number: u64 },
+    /// A pull/merge request opened or updated: its number, base branch and
+    /// the ref its head can be fetched from.
+    PullRequest {
+        number: u64,
+        base: String,
+        head: String,
+    },
     /// Anything else (ping, issues, ...): acknowledged, ignored.
     Other(String),
 }
@@ -88,7 +93,20 @@ struct PushBody {
 
 #[derive(Deserialize)]
 struct GitHubPr {
+    action: Option<String>,
     number: Option<u64>,
+    pull_request: Option<GitHubPrBody>,
+}
+
+#[derive(Deserialize)]
+struct GitHubPrBody {
+    base: Option<GitHubRef>,
+}
+
+#[derive(Deserialize)]
+struct GitHubRef {
+    #[serde(rename = "ref")]
+    reference: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +117,8 @@ struct GitLabMr {
 #[derive(Deserialize)]
 struct GitLabMrAttrs {
     iid: Option<u64>,
+    target_branch: Option<String>,
+    action: Option<String>,
 }
 
 /// Reads the event from a verified body. Missing or mistyped fields give
@@ -120,17 +140,31 @@ pub fn parse(provider: Provider, event: &str, body: &[u8]) -> Event {
         return Event::Push { branch };
     }
     if pr {
-        let number = match provider {
-            Provider::GitHub => serde_json::from_slice::<GitHubPr>(body)
-                .ok()
-                .and_then(|b| b.number),
-            Provider::GitLab => serde_json::from_slice::<GitLabMr>(body)
-                .ok()
-                .and_then(|b| b.object_attributes)
-                .and_then(|a| a.iid),
+        let parsed = match provider {
+            Provider::GitHub => serde_json::from_slice::<GitHubPr>(body).ok().and_then(|b| {
+                let opened = matches!(
+                    b.action.as_deref(),
+                    Some("opened" | "synchronize" | "reopened")
+                );
+                let base = b.pull_request?.base?.reference?;
+                let n = b.number?;
+                opened.then(|| (n, base, format!("refs/pull/{n}/head")))
+            }),
+            Provider::GitLab => serde_json::from_slice::<GitLabMr>(body).ok().and_then(|b| {
+                let a = b.object_attributes?;
+                let opened = matches!(a.action.as_deref(), Some("open" | "update" | "reopen"));
+                let n = a.iid?;
+                opened.then(|| {
+                    (
+                        n,
+                        a.target_branch.unwrap_or_default(),
+                        format!("refs/merge-requests/{n}/head"),
+                    )
+                })
+            }),
         };
-        if let Some(number) = number {
-            return Event::PullRequest { number };
+        if let Some((number, base, head)) = parsed.filter(|(_, base, _)| !base.is_empty()) {
+            return Event::PullRequest { number, base, head };
         }
     }
     Event::Other(event.chars().take(64).collect())

@@ -843,7 +843,45 @@ impl Engine {
     /// Resources sluice does not manage are never drift; secrets are
     /// redacted in the field changes. With `heal`, services whose policy is
     /// `heal` get their drifted resources re-applied (recorded as a heal).
+    ///
+    /// Saves the scan in the state for status and metrics: callers hold the
+    /// apply lock, as for any other write of the state.
     pub async fn drift(&self, heal: bool) -> Result<Vec<DriftReport>, EngineError> {
+        let reports = self.drift_scan(heal).await?;
+        let scan = DriftScan {
+            at: self.clock.now(),
+            items: reports
+                .iter()
+                .map(|r| {
+                    let lines = r
+                        .items
+                        .iter()
+                        .filter(|i| !r.healed.contains(&i.id))
+                        .map(|i| {
+                            let kind = match i.kind {
+                                DriftKind::Missing => "missing",
+                                DriftKind::Modified => "modified",
+                            };
+                            let fields: Vec<&str> =
+                                i.fields.iter().map(|f| f.path.as_str()).collect();
+                            if fields.is_empty() {
+                                format!("{kind} {}", i.id)
+                            } else {
+                                format!("{kind} {} ({})", i.id, fields.join(", "))
+                            }
+                        })
+                        .collect();
+                    (r.target.clone(), lines)
+                })
+                .collect(),
+        };
+        self.mark(|s| s.drift = Some(scan))?;
+        Ok(reports)
+    }
+
+    /// The scan itself; saves nothing (reports run it beside a rollout).
+    /// `heal` re-applies and records heals, so it needs the apply lock.
+    pub async fn drift_scan(&self, heal: bool) -> Result<Vec<DriftReport>, EngineError> {
         let state = self.store.load()?;
         let mut reports = Vec::new();
         for (name, rec) in &state.targets {
@@ -929,34 +967,6 @@ impl Engine {
                 healed,
             });
         }
-        let scan = DriftScan {
-            at: self.clock.now(),
-            items: reports
-                .iter()
-                .map(|r| {
-                    let lines = r
-                        .items
-                        .iter()
-                        .filter(|i| !r.healed.contains(&i.id))
-                        .map(|i| {
-                            let kind = match i.kind {
-                                DriftKind::Missing => "missing",
-                                DriftKind::Modified => "modified",
-                            };
-                            let fields: Vec<&str> =
-                                i.fields.iter().map(|f| f.path.as_str()).collect();
-                            if fields.is_empty() {
-                                format!("{kind} {}", i.id)
-                            } else {
-                                format!("{kind} {} ({})", i.id, fields.join(", "))
-                            }
-                        })
-                        .collect();
-                    (r.target.clone(), lines)
-                })
-                .collect(),
-        };
-        self.mark(|s| s.drift = Some(scan))?;
         Ok(reports)
     }
 
@@ -1001,7 +1011,7 @@ impl Engine {
             source,
         })?;
         let changed: BTreeSet<&ResourceId> = live_plan.plan.changes().map(|c| &c.id).collect();
-        let drift = match self.drift(false).await {
+        let drift = match self.drift_scan(false).await {
             Ok(reports) => reports
                 .into_iter()
                 .flat_map(|r| r.items)
