@@ -253,8 +253,24 @@ mod tests {
             Event::Push { branch: None }
         );
         assert_eq!(
-            parse(Provider::GitHub, "pull_request", br#"{"number":7}"#),
-            Event::PullRequest { number: 7 }
+            parse(
+                Provider::GitHub,
+                "pull_request",
+                br#"{"action":"synchronize","number":7,"pull_request":{"base":{"ref":"main"}}}"#
+            ),
+            Event::PullRequest {
+                number: 7,
+                base: "main".into(),
+                head: "refs/pull/7/head".into()
+            }
+        );
+        assert_eq!(
+            parse(
+                Provider::GitHub,
+                "pull_request",
+                br#"{"action":"closed","number":7,"pull_request":{"base":{"ref":"main"}}}"#
+            ),
+            Event::Other("pull_request".into())
         );
         assert_eq!(
             parse(Provider::GitHub, "pull_request", br#"{"number":"7"}"#),
@@ -264,9 +280,13 @@ mod tests {
             parse(
                 Provider::GitLab,
                 "Merge Request Hook",
-                br#"{"object_attributes":{"iid":3}}"#
+                br#"{"object_attributes":{"iid":3,"action":"open","target_branch":"main"}}"#
             ),
-            Event::PullRequest { number: 3 }
+            Event::PullRequest {
+                number: 3,
+                base: "main".into(),
+                head: "refs/merge-requests/3/head".into()
+            }
         );
         assert_eq!(
             parse(
