@@ -118,3 +118,40 @@ fn drift_is_reported_per_policy_healed_where_asked_and_shown_in_metrics() {
         "the loop healed a report-only service"
     );
 }
+
+#[test]
+fn a_replaced_executable_is_drift_in_what_the_process_runs() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let bin = shop.tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let app = bin.join("app");
+    std::fs::copy("/bin/sleep", &app).unwrap();
+    shop.write(
+        "services/web/app.yaml",
+        &format!("apiVersion: sluice.dev/v1\nkind: Process\nmetadata:\n  name: app\nspec:\n  command: {}\n  args: [\"300\"]\n  version: \"1\"\n", app.display()),
+    );
+    shop.commit("app");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    assert_eq!(shop.sluice(&["drift", "--exit-code"]).code, 0);
+    // By hand: a new build dropped over the running one.
+    let fresh = bin.join("app.new");
+    std::fs::copy("/bin/sleep", &fresh).unwrap();
+    std::fs::rename(&fresh, &app).unwrap();
+    let out = shop.sluice(&["drift", "-o", "json", "--exit-code"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let item = &v[0]["items"][0];
+    assert_eq!(
+        (item["kind"].as_str(), item["id"]["name"].as_str()),
+        (Some("modified"), Some("app")),
+        "{v}"
+    );
+    assert_eq!(item["fields"][0]["path"], "spec.command");
+    assert!(
+        item["fields"][0]["old"]
+            .as_str()
+            .unwrap()
+            .contains("replaced on disk"),
+        "{v}"
+    );
+}

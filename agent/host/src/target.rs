@@ -647,6 +647,46 @@ impl HostTarget {
                 if !stray.is_empty() {
                     body["status"] = json!({ "strayInstances": stray });
                 }
+                // What actually runs, from /proc: arguments changed or the
+                // executable replaced on disk under a running process are
+                // drift in what the Process runs.
+                for i in &current {
+                    let Some(pid) = i
+                        .state
+                        .as_ref()
+                        .and_then(|s| s.child_pid)
+                        .filter(|_| i.child_running())
+                    else {
+                        continue;
+                    };
+                    // A process that rewrote its title (nginx, postgres)
+                    // no longer shows its arguments: compare only when
+                    // argv[0] is still the command started.
+                    if let Some((argv0, args)) = running_args(pid) {
+                        let name = i
+                            .spec
+                            .command
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_string())
+                            .unwrap_or_default();
+                        let same_program =
+                            argv0 == i.spec.command.to_string_lossy() || argv0 == name;
+                        if same_program && args != i.spec.args {
+                            body["spec"]["args"] = json!(args);
+                        }
+                    }
+                    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                    if exe.to_string_lossy().ends_with(" (deleted)")
+                        && exe
+                            .to_string_lossy()
+                            .starts_with(&*i.spec.command.to_string_lossy())
+                    {
+                        body["spec"]["command"] = json!(format!(
+                            "{} (replaced on disk while running)",
+                            body["spec"]["command"].as_str().unwrap_or("")
+                        ));
+                    }
+                }
                 let want: u32 = body["spec"]["replicas"].as_u64().unwrap_or(1) as u32;
                 let mut ready = 0;
                 for i in &current {
@@ -928,6 +968,23 @@ async fn fetch(url: &str) -> Result<Vec<u8>, String> {
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// argv[0] and the arguments a process runs with.
+fn running_args(pid: u32) -> Option<(String, Vec<String>)> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect();
+    if args.last().is_some_and(String::is_empty) {
+        args.pop();
+    }
+    if args.is_empty() {
+        return None;
+    }
+    let rest = args.split_off(1);
+    Some((args.remove(0), rest))
 }
 
 fn tail(path: &Path, lines: usize) -> String {
