@@ -250,17 +250,7 @@ impl Inner {
         let local = repo.refname_to_id(&tracking).ok();
         let have = repo.find_commit(remote_oid).is_ok();
         if local != Some(remote_oid) || !have {
-            let refspec = format!("+refs/heads/{branch}:{tracking}");
-            let mut fo = FetchOptions::new();
-            fo.remote_callbacks(self.callbacks())
-                .download_tags(AutotagOption::None);
-            remote
-                .fetch(&[refspec.as_str()], Some(&mut fo), None)
-                .map_err(|e| SourceError::Fetch {
-                    url: self.shown.clone(),
-                    reason: self.scrub(e.message()),
-                })?;
-            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.fetch(&mut remote, &format!("+refs/heads/{branch}:{tracking}"))?;
             info!(url = %self.shown, branch = %branch, commit = %remote_oid, "fetched");
         } else {
             debug!(url = %self.shown, branch = %branch, "remote unchanged; no fetch");
@@ -449,17 +439,7 @@ impl Inner {
             } else {
                 (format!("refs/heads/{name}"), tracking_ref(name))
             };
-            let refspec = format!("+{source}:{dest}");
-            let mut fo = FetchOptions::new();
-            fo.remote_callbacks(self.callbacks())
-                .download_tags(AutotagOption::None);
-            remote
-                .fetch(&[refspec.as_str()], Some(&mut fo), None)
-                .map_err(|e| SourceError::Fetch {
-                    url: self.shown.clone(),
-                    reason: self.scrub(e.message()),
-                })?;
-            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.fetch(&mut remote, &format!("+{source}:{dest}"))?;
             if let Ok(oid) = repo.refname_to_id(&dest) {
                 return revision(&repo, oid).map_err(|e| self.local_err(&e));
             }
@@ -542,6 +522,21 @@ impl Inner {
             "sluice: keep applied commit",
         )
         .map_err(|e| self.local_err(&e))?;
+        Ok(())
+    }
+
+    /// One fetch of `refspec`, no tags, counted for tests and benchmarks.
+    fn fetch(&self, remote: &mut git2::Remote<'_>, refspec: &str) -> Result<(), SourceError> {
+        let mut fo = FetchOptions::new();
+        fo.remote_callbacks(self.callbacks())
+            .download_tags(AutotagOption::None);
+        remote
+            .fetch(&[refspec], Some(&mut fo), None)
+            .map_err(|e| SourceError::Fetch {
+                url: self.shown.clone(),
+                reason: self.scrub(e.message()),
+            })?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
