@@ -7,6 +7,7 @@
 //! drives them over the traits in `source`, `target`, `store` and `clock`.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod clock;
 pub mod diff;
 pub mod engine;
