@@ -337,3 +337,28 @@ impl Drop for KillOnDrop<'_> {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_dns_failure_is_a_clear_transient_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `.invalid` never resolves (RFC 2606).
+    let s = source(
+        "https://git.sluice-test.invalid/x.git",
+        tmp.path(),
+        "",
+        false,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let e = rt().block_on(s.poll()).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(e, SourceError::ListRefs { .. }) && e.is_transient(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("git.sluice-test.invalid"), "{e}");
+}

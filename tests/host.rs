@@ -433,3 +433,45 @@ fn a_route_keeps_serving_through_a_version_change_and_an_agent_restart() {
         .collect();
     assert_eq!(routers.len(), 1);
 }
+
+#[test]
+fn http_artifacts_are_streamed_verified_and_never_left_half_written() {
+    use std::io::{Read, Write};
+    let f = Fixture::new();
+    let payload = vec![7u8; 300_000];
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = payload.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    let good = hex::encode(Sha256::digest(&payload));
+    let with = |sha: &str| {
+        let mut spec = shell("sleep 300", Value::Null, "1s");
+        spec["artifacts"] = json!([{"name": "blob", "url": format!("http://127.0.0.1:{port}/blob"), "path": null, "sha256": sha, "executable": false}]);
+        resource("Process", "blob", spec, Strategy::Rolling)
+    };
+    let e =
+        f.rt.block_on(f.target.prepare(&[&with(&"1".repeat(64))]))
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("sha256 mismatch") && e.contains(&good), "{e}");
+    let cache = f.tmp.path().join("state/artifacts");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "a failed download left a file"
+    );
+    f.rt.block_on(f.target.prepare(&[&with(&good)])).unwrap();
+    assert_eq!(std::fs::read(cache.join(&good)).unwrap(), payload);
+}

@@ -810,20 +810,36 @@ impl Target for HostTarget {
                     id: format!("{} artifact {}", r.id, a.name),
                     reason,
                 };
-                let bytes: Vec<u8> = if let Some(b) = r.blobs.get(&a.sha256.to_ascii_lowercase()) {
-                    b.as_ref().clone()
+                let mode = if a.executable { 0o755 } else { 0o644 };
+                if let Some(b) = r.blobs.get(&a.sha256.to_ascii_lowercase()) {
+                    // Repository files were verified by render.
+                    sluice_core::store::write_file_atomic(&dest, b, Some(mode))
+                        .map_err(|e| perr(e.to_string()))?;
                 } else if let Some(url) = &a.url {
-                    fetch(url).await.map_err(perr)?
+                    // Streamed to a temp file while hashing; only a verified
+                    // file is renamed into the cache.
+                    let part = dest.with_extension(format!("part{}", std::process::id()));
+                    let result = download(url, &part).await;
+                    let verified = match result {
+                        Ok(actual) if actual.eq_ignore_ascii_case(&a.sha256) => Ok(()),
+                        Ok(actual) => Err(format!(
+                            "sha256 mismatch: expected {}, downloaded content has {actual}; nothing applied",
+                            a.sha256
+                        )),
+                        Err(e) => Err(e),
+                    };
+                    let placed = verified.and_then(|()| {
+                        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(mode))
+                            .and_then(|()| std::fs::rename(&part, &dest))
+                            .map_err(|e| e.to_string())
+                    });
+                    if let Err(e) = placed {
+                        let _ = std::fs::remove_file(&part);
+                        return Err(perr(e));
+                    }
                 } else {
                     return Err(perr("no content (neither url nor repository path)".into()));
-                };
-                let actual = hex::encode(Sha256::digest(&bytes));
-                if !actual.eq_ignore_ascii_case(&a.sha256) {
-                    return Err(perr(format!("sha256 mismatch: expected {}, downloaded content has {actual}; nothing applied", a.sha256)));
                 }
-                let mode = if a.executable { 0o755 } else { 0o644 };
-                sluice_core::store::write_file_atomic(&dest, &bytes, Some(mode))
-                    .map_err(|e| perr(e.to_string()))?;
                 info!(target = %self.cfg.name, artifact = %a.name, sha256 = %a.sha256, "artifact cached");
             }
         }
@@ -933,41 +949,70 @@ fn spec_of<T: serde::de::DeserializeOwned>(r: &DesiredResource) -> Result<T, Tar
     })
 }
 
-/// Downloads an artifact (https, file://, or http to loopback), capped.
-/// The probe client's short timeout does not suit downloads: one of its own.
-async fn fetch(url: &str) -> Result<Vec<u8>, String> {
-    const MAX: usize = 1 << 30;
-    if let Some(path) = url.strip_prefix("file://") {
-        return std::fs::read(path).map_err(|e| format!("reading {path}: {e}"));
-    }
-    let loopback = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
-    if !url.starts_with("https://") && !loopback {
-        return Err("only https:// (or file://) artifact URLs are allowed".into());
-    }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut resp = client
-        .get(url)
-        .send()
+/// Downloads an artifact (https, file://, or http to loopback) into
+/// `part`, fsynced, capped at 1 GiB, and returns its sha256 (hex).
+async fn download(url: &str, part: &Path) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX: u64 = 1 << 30;
+    let mut hasher = Sha256::new();
+    let mut out = tokio::fs::File::create(part)
         .await
-        .map_err(|e| e.without_url().to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("download answered {}", resp.status()));
-    }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| e.without_url().to_string())?
-    {
-        if out.len() + chunk.len() > MAX {
-            return Err("artifact larger than 1 GiB".into());
+        .map_err(|e| format!("creating {}: {e}", part.display()))?;
+    let mut total = 0u64;
+    let mut add = |chunk: &[u8], total: &mut u64| {
+        *total += chunk.len() as u64;
+        hasher.update(chunk);
+        if *total > MAX {
+            Err("artifact larger than 1 GiB".to_string())
+        } else {
+            Ok(())
         }
-        out.extend_from_slice(&chunk);
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        let mut f = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("reading {path}: {e}"))?;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("reading {path}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            add(&buf[..n], &mut total)?;
+            out.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        }
+    } else {
+        let loopback = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+        if !url.starts_with("https://") && !loopback {
+            return Err("only https:// (or file://) artifact URLs are allowed".into());
+        }
+        // The probe client's short timeout does not suit downloads.
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut resp = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| e.without_url().to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("download answered {}", resp.status()));
+        }
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| e.without_url().to_string())?
+        {
+            add(&chunk, &mut total)?;
+            out.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        }
     }
-    Ok(out)
+    out.sync_all().await.map_err(|e| e.to_string())?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// argv[0] and the arguments a process runs with.
