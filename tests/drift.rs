@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http_get, procs, Agent, Shop};
+use common::{http_get, Agent, Shop};
 
 #[test]
 fn drift_is_reported_per_policy_healed_where_asked_and_shown_in_metrics() {
@@ -29,13 +29,7 @@ fn drift_is_reported_per_policy_healed_where_asked_and_shown_in_metrics() {
     // By hand: the config edited, web's supervisor group killed.
     let conf = shop.file_root().join("local/orders.conf");
     std::fs::write(&conf, "currency=USD").unwrap();
-    let web = shop.service_pids()["web"];
-    let group = procs().into_iter().find(|p| p.pid == web).unwrap().pgid;
-    std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{group}")])
-        .status()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    shop.kill_service("web");
 
     let out = shop.sluice(&["drift", "-o", "json", "--exit-code"]);
     assert_eq!(out.code, 1, "{}", out.all());

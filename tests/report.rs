@@ -4,7 +4,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{git, procs, Shop};
+use common::{git, Shop};
 
 #[test]
 fn the_report_shows_live_changes_drift_and_stays_inert_and_small() {
@@ -30,13 +30,7 @@ fn the_report_shows_live_changes_drift_and_stays_inert_and_small() {
     git(&repo, &["checkout", "-q", "main"]);
 
     // By hand, web's whole supervisor group killed: drift the merge overwrites.
-    let web = shop.service_pids()["web"];
-    let group = procs().into_iter().find(|p| p.pid == web).unwrap().pgid;
-    std::process::Command::new("kill")
-        .args(["-KILL", "--", &format!("-{group}")])
-        .status()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    shop.kill_service("web");
     let before = shop.service_pids();
 
     let out = shop.sluice(&[

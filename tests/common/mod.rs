@@ -248,6 +248,24 @@ impl Shop {
         out
     }
 
+    /// Kills a service by hand, supervisor and all (its process group), as
+    /// an operator would; waits until it is gone.
+    pub fn kill_service(&self, name: &str) {
+        let pid = self.service_pids()[name];
+        let group = procs()
+            .into_iter()
+            .find(|p| p.pid == pid)
+            .map(|p| p.pgid)
+            .unwrap_or(pid);
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.service_pids().contains_key(name) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn service_start_times(&self) -> BTreeMap<String, u64> {
         self.service_pids()
             .into_iter()
