@@ -101,7 +101,12 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
 /// A local path inside a git work tree becomes (work tree root, folder):
 /// `--repo examples/host-shop` just works from a checkout of sluice.
 fn locate(repo: &str, path: &str) -> Result<(String, String), ConfigError> {
-    let is_url = repo.contains("://") || (repo.contains('@') && repo.contains(':'));
+    // URLs, scp-like addresses and transport forms (`ext::`, refused by
+    // the source with a clear reason) are not local paths.
+    let is_url = repo.contains("://")
+        || repo.contains("::")
+        || repo.starts_with('-')
+        || (repo.contains('@') && repo.contains(':'));
     if is_url {
         return Ok((repo.to_string(), path.to_string()));
     }
