@@ -349,3 +349,33 @@ fn plan_shows_waves_and_field_paths_and_changes_nothing() {
     );
     assert_eq!(shop.service_pids(), pids);
 }
+
+#[test]
+fn a_deny_window_holds_the_rollout_and_an_override_is_recorded() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.edit(
+        "sluice.yaml",
+        "targets:",
+        "windows:\n  - kind: deny\n    schedule: \"0 * * * * *\"\n    duration: 2m\n    timeZone: Europe/Berlin\ntargets:",
+    );
+    shop.commit("freeze");
+    let out = shop.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("waits for a sync window") && out.stdout.contains("deny window"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        shop.service_pids().is_empty(),
+        "something rolled out in a deny window"
+    );
+    let status = shop.sluice(&["status"]);
+    assert!(status.stdout.contains("Waiting:"), "{}", status.all());
+    let forced = shop.sluice(&["apply", "--override"]);
+    assert_eq!(forced.code, 0, "{}", forced.all());
+    let v: serde_json::Value =
+        serde_json::from_str(&shop.sluice(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(v["history"][0]["windowOverride"], true, "{v}");
+    assert!(v["waiting"].is_null());
+}

@@ -177,6 +177,9 @@ enum Command {
         /// Apply a commit that failed before (recorded in the history).
         #[arg(long)]
         retry: bool,
+        /// Roll out even outside the sync windows (recorded in the history).
+        #[arg(long = "override")]
+        window_override: bool,
     },
     /// Per target and service: commit, health, last error, history.
     Status {
@@ -268,7 +271,21 @@ fn main() -> ExitCode {
             base,
             head,
         } => runtime(|| plan(common, rev, base, head)),
-        Command::Apply { common, rev, retry } => runtime(|| apply(common, rev, retry)),
+        Command::Apply {
+            common,
+            rev,
+            retry,
+            window_override,
+        } => runtime(|| {
+            apply(
+                common,
+                rev,
+                ApplyOptions {
+                    retry,
+                    window_override,
+                },
+            )
+        }),
         Command::Status { common } => runtime(|| status(common)),
         Command::Revert { common, to } => runtime(|| revert(common, to)),
         Command::Report {
@@ -378,12 +395,15 @@ async fn plan(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn apply(common: Common, rev: Option<String>, retry: bool) -> anyhow::Result<ExitCode> {
+async fn apply(
+    common: Common,
+    rev: Option<String>,
+    opts: ApplyOptions,
+) -> anyhow::Result<ExitCode> {
     let engine = setup::engine(&common)?;
     let store = setup::store(&common)?;
     let _lock = store.lock().map_err(EngineError::from)?;
     engine.finish_interrupted().await?;
-    let opts = ApplyOptions { retry };
     let revision = match rev {
         Some(r) => {
             // A fetch failure must not stop applying a commit we already have.
@@ -398,7 +418,9 @@ async fn apply(common: Common, rev: Option<String>, retry: bool) -> anyhow::Resu
     output::reconciled(common.output, &result);
     Ok(match result {
         Reconciled::Applied { .. } | Reconciled::UpToDate { .. } => ExitCode::SUCCESS,
-        Reconciled::Reverted { .. } | Reconciled::SkippedFailed { .. } => ExitCode::from(1),
+        Reconciled::Reverted { .. }
+        | Reconciled::SkippedFailed { .. }
+        | Reconciled::Waiting { .. } => ExitCode::from(1),
     })
 }
 

@@ -171,6 +171,13 @@ pub fn reconciled(format: Format, r: &Reconciled) {
             Reconciled::UpToDate { revision } => {
                 json!({"result": "up-to-date", "revision": revision})
             }
+            Reconciled::Waiting {
+                revision,
+                until,
+                reason,
+            } => {
+                json!({"result": "waiting", "revision": revision, "until": until, "reason": reason})
+            }
             Reconciled::Applied { plan, duration } => {
                 json!({"result": "applied", "plan": plan, "durationMs": duration.as_millis() as u64})
             }
@@ -191,6 +198,11 @@ pub fn reconciled(format: Format, r: &Reconciled) {
         Reconciled::UpToDate { revision } => {
             println!("{} is live; nothing to change.", revision.commit.short())
         }
+        Reconciled::Waiting { revision, until, reason } => println!(
+            "{} waits for a sync window{}: {reason} (--override rolls it out now)",
+            revision.commit.short(),
+            until.map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC"))).unwrap_or_default()
+        ),
         Reconciled::Applied { plan, duration } => {
             print!("{}", to_text(plan));
             println!(
@@ -224,6 +236,7 @@ pub fn status(format: Format, s: &Status) {
             "source": s.state.source,
             "lastError": s.state.last_error,
             "inProgress": s.state.in_progress,
+            "waiting": s.state.waiting,
             "drift": s.state.drift,
             "targets": s.state.targets,
             "resources": s.resources,
@@ -261,6 +274,17 @@ pub fn status_text(s: &Status) -> String {
     }
     if let Some(e) = &s.state.last_error {
         let _ = writeln!(out, "Last reconcile error: {e}");
+    }
+    if let Some(w) = &s.state.waiting {
+        let _ = writeln!(
+            out,
+            "Waiting: {} for a sync window{}: {}",
+            w.commit.short(),
+            w.until
+                .map(|u| format!(" until {}", u.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default(),
+            w.reason
+        );
     }
     if let Some(p) = &s.state.in_progress {
         let _ = writeln!(

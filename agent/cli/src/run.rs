@@ -421,6 +421,7 @@ async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 "source": st.state.source,
                 "lastError": st.state.last_error,
                 "inProgress": st.state.in_progress,
+                "waiting": st.state.waiting,
                 "drift": st.state.drift,
                 "targets": st.state.targets,
                 "resources": st.resources,

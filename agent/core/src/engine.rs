@@ -34,9 +34,10 @@ use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use crate::source::{CommitId, Limits, Revision, Source, SourceError};
 use crate::store::{
     AgentState, Decision, Deployed, DriftScan, Failed, HistoryEntry, HistoryKind, InProgress,
-    Outcome, StateStore, StoreError, TargetRecord,
+    Outcome, StateStore, StoreError, TargetRecord, Waiting,
 };
 use crate::target::{PullRequests, Target, TargetError, TargetProvider};
+use crate::window;
 
 /// What went wrong in one reconcile, by the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,12 @@ pub enum Reconciled {
     Applied { plan: Plan, duration: Duration },
     /// The commit failed before and is not retried until a newer one.
     SkippedFailed { revision: Revision, reason: String },
+    /// Outside its sync windows: nothing applied; retried later.
+    Waiting {
+        revision: Revision,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        reason: String,
+    },
     /// The rollout failed and the touched targets were put back.
     Reverted {
         plan: Plan,
@@ -101,6 +108,8 @@ pub enum Reconciled {
 pub struct ApplyOptions {
     /// Apply a commit that failed before (recorded in the history).
     pub retry: bool,
+    /// Roll out outside the sync windows (recorded in the history).
+    pub window_override: bool,
 }
 
 /// A commit rendered, observed and planned: everything needed to apply it,
@@ -350,6 +359,35 @@ impl Engine {
             info!(commit = %revision.commit, "commit changes nothing live");
             return Ok(Reconciled::UpToDate { revision });
         }
+        // Sync windows gate the start of a rollout (a resumed one finishes:
+        // live must end on one whole commit).
+        if resuming.is_none() && !opts.window_override {
+            let pairs: Vec<(String, String)> = prepared
+                .plan
+                .changes()
+                .map(|c| (c.id.target.clone(), c.service.clone()))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if let Err((until, reason)) = window::check(
+                &prepared.rendered.topology.windows,
+                &pairs,
+                self.clock.now(),
+            ) {
+                info!(commit = %revision.commit, until = ?until, %reason, "waiting for a sync window");
+                let waiting = Waiting {
+                    commit: revision.commit.clone(),
+                    until,
+                    reason: reason.clone(),
+                };
+                self.mark(|s| s.waiting = Some(waiting))?;
+                return Ok(Reconciled::Waiting {
+                    revision,
+                    until,
+                    reason,
+                });
+            }
+        }
         let resume: Vec<ResourceId> = match &resuming {
             Some(targets) => prepared
                 .plan
@@ -384,6 +422,7 @@ impl Engine {
             .collect();
         info!(commit = %revision.commit, waves = prepared.plan.waves.len(), ?kind, retry = opts.retry, "rollout starting");
         self.mark(|s| {
+            s.waiting = None;
             s.in_progress = Some(InProgress {
                 kind,
                 commit: revision.commit.clone(),
@@ -416,6 +455,7 @@ impl Engine {
             error: None,
             decision: None,
             retry: opts.retry,
+            window_override: opts.window_override,
         };
         match result {
             Ok(()) => {
@@ -780,6 +820,7 @@ impl Engine {
             error: error.clone(),
             decision: None,
             retry: false,
+            window_override: false,
         })?;
         match result {
             Ok(()) => {
@@ -958,6 +999,7 @@ impl Engine {
                     error: (!errors.is_empty()).then(|| errors.join("; ")),
                     decision: None,
                     retry: false,
+                    window_override: false,
                 })?;
             }
             reports.push(DriftReport {
@@ -1231,7 +1273,7 @@ mod tests {
     //! source and host target are exercised by the integration tests in
     //! `tests/`; here the fakes make failure points exact.
     use super::*;
-    use crate::clock::SystemClock;
+    use crate::clock::{Clock, SystemClock};
     use crate::source::{FileEntry, Snapshot};
     use crate::store::FileStore;
     use chrono::Utc;
@@ -1726,6 +1768,72 @@ mod tests {
             .unwrap()
             .values()
             .all(|b| b["spec"]["version"] != "3"));
+    }
+
+    /// A clock the test sets; sleeps are real but short.
+    struct FixedClock(Mutex<chrono::DateTime<Utc>>);
+
+    #[async_trait::async_trait]
+    impl Clock for FixedClock {
+        fn now(&self) -> chrono::DateTime<Utc> {
+            *self.0.lock().unwrap()
+        }
+        async fn sleep(&self, d: Duration) {
+            tokio::time::sleep(d).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_window_makes_the_rollout_wait_and_an_opening_lets_it_proceed() {
+        let (mut engine, source, target, _dir) = setup();
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let clock = Arc::new(FixedClock(Mutex::new(at("2026-11-28T12:00:00Z")))); // a Saturday
+        engine.clock = clock.clone();
+        let windows = "windows:\n  - kind: allow\n    schedule: \"0 0 9 * * Mon-Fri\"\n    duration: 8h\n    timeZone: Europe/Berlin\n";
+        let mut files = repo([("1", false), ("1", false), ("1", false)]);
+        files[0].1 = format!("{TOPO}{windows}");
+        commit(&source, &files);
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let Reconciled::Waiting { until, reason, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(until, Some(at("2026-11-30T08:00:00Z")));
+        assert!(reason.contains("outside its allow windows"), "{reason}");
+        assert!(target.log.lock().unwrap().is_empty());
+        assert!(engine.store.load().unwrap().waiting.is_some());
+
+        // Monday 09:30 in Berlin: the window is open.
+        *clock.0.lock().unwrap() = at("2026-11-30T08:30:00Z");
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::Applied { .. }), "{r:?}");
+        assert!(engine.store.load().unwrap().waiting.is_none());
+
+        // Saturday again, by hand with an override: rolls, and says so.
+        *clock.0.lock().unwrap() = at("2026-12-05T12:00:00Z");
+        let mut files = files.clone();
+        files[1].1 = proc("a", "2", false);
+        commit(&source, &files);
+        let r = engine
+            .reconcile(ApplyOptions {
+                window_override: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Reconciled::Applied { .. }), "{r:?}");
+        assert!(
+            engine
+                .store
+                .history()
+                .unwrap()
+                .last()
+                .unwrap()
+                .window_override
+        );
     }
 
     #[tokio::test]

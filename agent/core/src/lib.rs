@@ -19,3 +19,4 @@ pub mod resource;
 pub mod source;
 pub mod store;
 pub mod target;
+pub mod window;

@@ -25,6 +25,9 @@ pub struct Topology {
     pub defaults: Defaults,
     pub targets: Vec<TargetDef>,
     pub services: BTreeMap<String, ServiceDef>,
+    /// Sync windows: when rollouts may run (reverts always may).
+    #[serde(default)]
+    pub windows: Vec<crate::window::Window>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]

@@ -337,6 +337,7 @@ mod tests {
             api_version: crate::model::API_VERSION.into(),
             kind: TopologyKind::Topology,
             defaults: Defaults::default(),
+            windows: Vec::new(),
             targets: targets
                 .iter()
                 .map(|(n, r)| TargetDef {

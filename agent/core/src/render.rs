@@ -246,6 +246,29 @@ fn validate_topology(snapshot: &Snapshot, t: &Topology, text: &str) -> Result<()
             ));
         }
     }
+    for (i, w) in t.windows.iter().enumerate() {
+        let field = format!("windows[{i}]");
+        w.validate()
+            .map_err(|reason| err(field.clone(), &["windows"], reason))?;
+        for target in &w.targets {
+            if !names.contains(target.as_str()) {
+                return Err(err(
+                    format!("{field}.targets"),
+                    &["windows", target],
+                    format!("unknown target {target:?}"),
+                ));
+            }
+        }
+        for service in &w.services {
+            if !t.services.contains_key(service) {
+                return Err(err(
+                    format!("{field}.services"),
+                    &["windows", service],
+                    format!("unknown service {service:?}"),
+                ));
+            }
+        }
+    }
     if let Some(cycle) = find_cycle(t) {
         return Err(RenderError::Cycle { cycle });
     }

@@ -110,6 +110,18 @@ pub struct AgentState {
     /// The newest drift scan, for status and metrics.
     #[serde(default)]
     pub drift: Option<DriftScan>,
+    /// A commit waiting for a sync window to open.
+    #[serde(default)]
+    pub waiting: Option<Waiting>,
+}
+
+/// Why a commit is not rolling out yet, and until when.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiting {
+    pub commit: CommitId,
+    pub until: Option<DateTime<Utc>>,
+    pub reason: String,
 }
 
 /// What the newest drift scan found (secret values already redacted).
@@ -161,6 +173,9 @@ pub struct HistoryEntry {
     /// A deliberate re-apply of a commit that had failed (`apply --retry`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retry: bool,
+    /// Rolled out outside its sync windows by hand (`apply --override`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub window_override: bool,
 }
 
 /// The record of a gate's verdict that aborted a rollout.
@@ -416,6 +431,7 @@ mod tests {
             error: None,
             decision: None,
             retry: false,
+            window_override: false,
         }
     }
 
