@@ -201,6 +201,14 @@ enum Command {
         #[arg(long)]
         head: String,
     },
+    /// The feature-flag inventory of a commit (default: the branch head),
+    /// with expired flags marked.
+    Flags {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        rev: Option<String>,
+    },
     /// One drift scan: live against the applied commit, per target.
     Drift {
         #[command(flatten)]
@@ -294,6 +302,7 @@ fn main() -> ExitCode {
             base,
             head,
         } => runtime(|| report(common, pr, base, head)),
+        Command::Flags { common, rev } => runtime(|| flags(common, rev)),
         Command::Drift {
             common,
             heal,
@@ -497,6 +506,35 @@ async fn report(common: Common, pr: u64, base: String, head: String) -> anyhow::
         common.output,
         "posted",
         &format!("report posted on #{pr} (comment {id})"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn flags(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let revision = match rev {
+        Some(r) => {
+            engine.source.poll().await.ok();
+            engine.source.resolve(&r).await.map_err(EngineError::from)?
+        }
+        None => engine.source.poll().await.map_err(EngineError::from)?,
+    };
+    let commit = revision.commit.to_string();
+    let snapshot = engine
+        .source
+        .snapshot(&revision.commit, &engine.limits)
+        .await
+        .map_err(EngineError::from)?;
+    let render_err = |source| EngineError::Render {
+        commit: commit.clone(),
+        source,
+    };
+    let topology = sluice_core::render::load_topology(&snapshot).map_err(render_err)?;
+    let flags = sluice_core::render::load_flags(&snapshot, &topology).map_err(render_err)?;
+    output::flags(
+        common.output,
+        flags.as_ref(),
+        chrono::Utc::now().date_naive(),
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -563,6 +563,10 @@ pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
             );
         }
     }
+    if !r.expired_flags.is_empty() {
+        let names: Vec<String> = r.expired_flags.iter().map(|f| md_escape(f)).collect();
+        let _ = writeln!(s, "- **Expired feature flags:** {}", names.join("; "));
+    }
     let _ = writeln!(
         s,
         "- **Policies:** no policy pack is evaluated by this version\n"
@@ -635,4 +639,48 @@ pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
         }
     }
     s
+}
+
+pub fn flags(
+    format: Format,
+    flags: Option<&sluice_core::flags::FlagsFile>,
+    today: chrono::NaiveDate,
+) {
+    let Some(f) = flags else {
+        return line(format, "none", "no flags.yaml in this commit");
+    };
+    if format == Format::Json {
+        let expired: Vec<&String> = f.expired(today).into_iter().map(|(n, _)| n).collect();
+        return print_json(&json!({ "flags": f.flags, "expired": expired }));
+    }
+    println!(
+        "{:<24} {:<11} {:<16} {:<11} {:<9} default (per target)",
+        "FLAG", "KIND", "OWNER", "EXPIRES", "STATE"
+    );
+    for (name, flag) in &f.flags {
+        let per_target: Vec<String> = flag
+            .targets
+            .iter()
+            .map(|(t, v)| format!("{t}={v}"))
+            .collect();
+        let expired = if flag.expires < today {
+            "  EXPIRED"
+        } else {
+            ""
+        };
+        println!(
+            "{:<24} {:<11} {:<16} {:<11} {:<9} {}{}{expired}",
+            name,
+            format!("{:?}", flag.kind).to_lowercase(),
+            flag.owner,
+            flag.expires,
+            format!("{:?}", flag.state).to_lowercase(),
+            flag.default,
+            if per_target.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", per_target.join(", "))
+            }
+        );
+    }
 }

@@ -151,6 +151,8 @@ pub struct PrReport {
     pub against_base: Plan,
     /// Changes made by hand that the merge would overwrite.
     pub drift_overwritten: Vec<DriftItem>,
+    /// Feature flags of head past their expiry date.
+    pub expired_flags: Vec<String>,
 }
 
 /// Drift of one target against the commit applied to it.
@@ -1064,12 +1066,25 @@ impl Engine {
                 Vec::new()
             }
         };
+        let today = self.clock.now().date_naive();
+        let expired_flags = live_plan
+            .rendered
+            .flags
+            .as_ref()
+            .map(|f| {
+                f.expired(today)
+                    .into_iter()
+                    .map(|(n, f)| format!("{n} (owner {}, expired {})", f.owner, f.expires))
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(PrReport {
             base: base.clone(),
             head: head.clone(),
             against_live: live_plan.plan,
             against_base,
             drift_overwritten: drift,
+            expired_flags,
         })
     }
 

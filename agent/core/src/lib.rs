@@ -11,6 +11,7 @@ pub mod analysis;
 pub mod clock;
 pub mod diff;
 pub mod engine;
+pub mod flags;
 pub mod gate;
 pub mod model;
 pub mod plan;

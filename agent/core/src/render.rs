@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::flags::{FlagsFile, FLAGS_FILE, FLAGS_PATH};
 use crate::model::{
     ArtifactSpec, FileSpec, HostResource, Metadata, ProcessSpec, RouteSpec, ServiceDef, TargetKind,
     Topology, API_VERSION, TOPOLOGY_FILE,
@@ -97,6 +98,8 @@ impl RenderError {
 pub struct Rendered {
     pub topology: Topology,
     pub desired: DesiredState,
+    /// The commit's `flags.yaml`, if any.
+    pub flags: Option<FlagsFile>,
 }
 
 /// Renders one commit. See the module docs for the guarantees.
@@ -127,13 +130,87 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered, RenderError> {
             }
         }
     }
+    let flags = load_flags(snapshot, &topology)?;
+    if let Some(f) = &flags {
+        for t in topology
+            .targets
+            .iter()
+            .filter(|t| t.kind == TargetKind::Host)
+        {
+            let r = flags_resource(f, &t.name);
+            if let Some(previous) = resources.get(&r.id) {
+                return Err(RenderError::invalid(
+                    &previous.file,
+                    Some("metadata.name"),
+                    None,
+                    format!("{} is the name of the published flags file", r.id),
+                ));
+            }
+            resources.insert(r.id.clone(), r);
+        }
+    }
     if resources.is_empty() {
         return Err(RenderError::Empty);
     }
     Ok(Rendered {
         topology,
         desired: DesiredState::new(snapshot.revision.clone(), resources),
+        flags,
     })
+}
+
+/// Reads `flags.yaml` if the commit has one.
+pub fn load_flags(
+    snapshot: &Snapshot,
+    topology: &Topology,
+) -> Result<Option<FlagsFile>, RenderError> {
+    let bytes = match snapshot.read("", FLAGS_FILE) {
+        Ok(b) => b,
+        Err(PathError::NotFound { .. }) => return Ok(None),
+        Err(source) => {
+            return Err(RenderError::Path {
+                file: FLAGS_FILE.to_string(),
+                source,
+            })
+        }
+    };
+    let text = utf8(FLAGS_FILE, bytes)?;
+    let flags: FlagsFile = parse_typed(FLAGS_FILE, text, 0)?;
+    if flags.api_version != API_VERSION {
+        return Err(RenderError::invalid(
+            FLAGS_FILE,
+            Some("apiVersion"),
+            find_line(text, &["apiVersion"]),
+            format!("must be {API_VERSION:?}"),
+        ));
+    }
+    let targets: Vec<&str> = topology.targets.iter().map(|t| t.name.as_str()).collect();
+    flags.validate(&targets).map_err(|(field, reason)| {
+        let keys: Vec<&str> = field.split('.').collect();
+        RenderError::invalid(FLAGS_FILE, Some(&field), find_line(text, &keys), reason)
+    })?;
+    Ok(Some(flags))
+}
+
+/// The flagd file of one host target, as a File resource of the `flags`
+/// service: a flag flip changes this file and nothing else.
+fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
+    let content = serde_json::to_string_pretty(&flags.flagd(target)).unwrap_or_default() + "\n";
+    let id = ResourceId::new(target, "File", "feature-flags");
+    DesiredResource {
+        id,
+        service: "flags".into(),
+        file: FLAGS_FILE.into(),
+        body: json!({
+            "apiVersion": API_VERSION,
+            "kind": "File",
+            "metadata": { "name": "feature-flags" },
+            "spec": { "path": FLAGS_PATH, "content": content, "source": null, "mode": "0644", "secret": false },
+        }),
+        redact: Vec::new(),
+        strategy: Default::default(),
+        blobs: BTreeMap::new(),
+    }
 }
 
 /// Reads and validates `sluice.yaml`.
