@@ -1072,6 +1072,7 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "File/feature-flags",
                 "File/orders-config",
                 "Process/catalog",
                 "Process/orders",
@@ -1095,7 +1096,7 @@ mod tests {
         )
         .unwrap();
         let order: Vec<_> = p.waves.iter().map(|w| w.services.join(",")).collect();
-        assert_eq!(order, ["catalog", "orders", "web"]);
+        assert_eq!(order, ["catalog,flags", "orders", "web"]);
     }
 
     #[test]
