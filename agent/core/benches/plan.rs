@@ -124,6 +124,12 @@ fn main() {
     assert_eq!(p.changes().count(), n);
     assert_eq!(p.waves.len(), SERVICES);
 
+    // Guardrails over every resource, with the plan as context.
+    let t = Instant::now();
+    let report = sluice_core::policy::evaluate(&v2.policy, &v2, &p).expect("policy");
+    let policy_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(report.evaluated, n);
+
     println!(
         "plan benchmark: {n} host resources, {SERVICES} services in {SERVICES} dependency waves"
     );
@@ -131,6 +137,10 @@ fn main() {
     println!("  plan, all new (create)               {create_ms:8.1} ms");
     println!("  plan, nothing changed                {noop_ms:8.1} ms");
     println!("  plan, every resource changed         {update_ms:8.1} ms");
+    println!(
+        "  guardrails (7 shipped Rego modules)  {policy_ms:8.1} ms ({:.0} µs per resource)",
+        policy_ms * 1000.0 / n as f64
+    );
     println!(
         "  peak RSS {:.1} MiB (at start {:.1} MiB)",
         peak_rss_kib() as f64 / 1024.0,

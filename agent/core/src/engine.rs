@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::gate::{Gate, GateContext, GateFactory, HealthGate, Verdict};
 use crate::model::{TargetDef, TargetKind, Topology};
 use crate::plan::{plan, Action, Inventory, Plan};
+use crate::policy::PolicyReport;
 use crate::render::{render, RenderError, Rendered};
 use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use crate::source::{CommitId, Limits, Revision, Source, SourceError};
@@ -58,6 +59,8 @@ pub enum EngineError {
     Gate { wave: usize, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("commit {commit} is denied by policy; nothing applied:\n  {}", .denies.join("\n  "))]
+    Denied { commit: String, denies: Vec<String> },
 }
 
 impl EngineError {
@@ -65,7 +68,9 @@ impl EngineError {
     /// (exit code 2), as opposed to a failed or reverted rollout (1).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            EngineError::Render { .. } | EngineError::Unsupported { .. } => true,
+            EngineError::Render { .. }
+            | EngineError::Unsupported { .. }
+            | EngineError::Denied { .. } => true,
             EngineError::Source(e) => matches!(
                 e,
                 SourceError::InvalidUrl { .. }
@@ -120,6 +125,8 @@ pub struct Prepared {
     pub live: BTreeMap<ResourceId, LiveResource>,
     pub inventory: Inventory,
     pub plan: Plan,
+    /// The guardrails' findings (not evaluated for reverts).
+    pub policy: PolicyReport,
 }
 
 /// Per target and resource, what `sluice status` shows.
@@ -153,6 +160,8 @@ pub struct PrReport {
     pub drift_overwritten: Vec<DriftItem>,
     /// Feature flags of head past their expiry date.
     pub expired_flags: Vec<String>,
+    /// Head's guardrail findings: a deny blocks the merge's rollout.
+    pub policy: PolicyReport,
 }
 
 /// Drift of one target against the commit applied to it.
@@ -281,12 +290,24 @@ impl Engine {
                     source,
                 }
             })?;
+        // Reverts go back to a commit that ran; only new rollouts are judged.
+        let policy =
+            match only {
+                Some(_) => PolicyReport::default(),
+                None => crate::policy::evaluate(&rendered.policy, &rendered, &plan).map_err(
+                    |source| EngineError::Render {
+                        commit: rendered.desired.revision.commit.to_string(),
+                        source,
+                    },
+                )?,
+            };
         Ok(Prepared {
             rendered,
             targets,
             live,
             inventory,
             plan,
+            policy,
         })
     }
 
@@ -341,15 +362,27 @@ impl Engine {
             // reports or heals it per service policy, not the loop.
             return Ok(Reconciled::UpToDate { revision });
         }
-        let prepared = match self.prepare(&revision).await {
+        let prepared = match self.prepare(&revision).await.and_then(|p| {
+            if p.policy.is_denied() {
+                return Err(EngineError::Denied {
+                    commit: revision.commit.to_string(),
+                    denies: p.policy.denies().map(|f| f.to_string()).collect(),
+                });
+            }
+            Ok(p)
+        }) {
             Ok(p) => p,
             Err(e) => {
+                warn!(commit = %revision.commit, error = %e, "commit not applied");
                 let mut state = self.store.load()?;
                 state.last_error = Some(e.to_string());
                 self.store.save(&state)?;
                 return Err(e);
             }
         };
+        for w in prepared.policy.warnings() {
+            warn!(commit = %revision.commit, resource = %w.resource, rule = %w.rule, message = %w.message, "policy warning");
+        }
         if prepared.plan.is_empty() && resuming.is_none() {
             // Nothing live changes (e.g. only a README changed): remember the
             // commit as applied without calling it a deployment.
@@ -1074,7 +1107,13 @@ impl Engine {
             .map(|f| {
                 f.expired(today)
                     .into_iter()
-                    .map(|(n, f)| format!("{n} (owner {}, expired {})", f.owner, f.expires))
+                    .map(|(n, f)| {
+                        format!(
+                            "{n} (owner {}, expired {})",
+                            f.owner.as_deref().unwrap_or("none"),
+                            f.expires.map(|d| d.to_string()).unwrap_or_default()
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -1085,6 +1124,7 @@ impl Engine {
             against_base,
             drift_overwritten: drift,
             expired_flags,
+            policy: live_plan.policy,
         })
     }
 
@@ -1263,13 +1303,9 @@ impl Engine {
 fn gate_times(topo: &Topology, services: &[String]) -> (Duration, Duration) {
     let mut timeout = Duration::ZERO;
     let mut soak = Duration::ZERO;
-    for s in services {
-        let def = topo.services.get(s);
-        timeout = timeout.max(
-            def.and_then(|d| d.gate_timeout)
-                .unwrap_or(topo.defaults.gate_timeout),
-        );
-        soak = soak.max(def.and_then(|d| d.soak).unwrap_or(topo.defaults.soak));
+    for def in services.iter().filter_map(|s| topo.services.get(s)) {
+        timeout = timeout.max(def.rollout.gate_timeout);
+        soak = soak.max(def.rollout.soak);
     }
     (timeout, soak)
 }

@@ -49,9 +49,13 @@ pub enum FlagState {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Flag {
     pub kind: FlagKind,
-    pub owner: String,
-    /// YYYY-MM-DD; after it the flag is reported as expired.
-    pub expires: NaiveDate,
+    /// Who to ask (required by the default guardrail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// YYYY-MM-DD; after it the flag is reported as expired (required by
+    /// the default guardrail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<NaiveDate>,
     pub state: FlagState,
     /// Variant name → value (default: on = true, off = false).
     #[serde(default = "on_off")]
@@ -85,14 +89,12 @@ fn on_off() -> BTreeMap<String, Value> {
 }
 
 impl FlagsFile {
-    /// Checks variants, owners and target names; errors name the flag and
-    /// field.
+    /// Checks variants and target names; errors name the flag and field.
+    /// (Owners and expiry dates are the default guardrail's business, so a
+    /// repository's policy decides.)
     pub fn validate(&self, targets: &[&str]) -> Result<(), (String, String)> {
         for (name, f) in &self.flags {
             let at = |field: &str| format!("flags.{name}.{field}");
-            if f.owner.trim().is_empty() {
-                return Err((at("owner"), "every flag needs an owner".into()));
-            }
             let known = |v: &str| f.variants.contains_key(v);
             if !known(&f.default) {
                 return Err((at("default"), format!("no variant {:?}", f.default)));
@@ -139,8 +141,14 @@ impl FlagsFile {
                 }
                 def["targeting"] = rule;
             }
-            def["metadata"] =
-                json!({ "kind": f.kind, "owner": f.owner, "expires": f.expires.to_string() });
+            let mut metadata = json!({ "kind": f.kind });
+            if let Some(owner) = &f.owner {
+                metadata["owner"] = json!(owner);
+            }
+            if let Some(expires) = f.expires {
+                metadata["expires"] = json!(expires.to_string());
+            }
+            def["metadata"] = metadata;
             flags.insert(name.clone(), def);
         }
         json!({ "$schema": "https://flagd.dev/schema/v0/flags.json", "flags": flags })
@@ -150,7 +158,7 @@ impl FlagsFile {
     pub fn expired(&self, today: NaiveDate) -> Vec<(&String, &Flag)> {
         self.flags
             .iter()
-            .filter(|(_, f)| f.expires < today)
+            .filter(|(_, f)| f.expires.is_some_and(|e| e < today))
             .collect()
     }
 }
@@ -183,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_variants_targets_and_missing_owners_are_refused() {
+    fn unknown_variants_and_targets_are_refused() {
         let mut f = file();
         assert_eq!(
             f.validate(&["us"]).unwrap_err().0,
@@ -193,12 +201,6 @@ mod tests {
         assert_eq!(
             f.validate(&["eu"]).unwrap_err().0,
             "flags.new-checkout.default"
-        );
-        let mut f = file();
-        f.flags.get_mut("new-checkout").unwrap().owner = " ".into();
-        assert_eq!(
-            f.validate(&["eu"]).unwrap_err().0,
-            "flags.new-checkout.owner"
         );
     }
 

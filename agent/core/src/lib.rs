@@ -15,6 +15,7 @@ pub mod flags;
 pub mod gate;
 pub mod model;
 pub mod plan;
+pub mod policy;
 pub mod render;
 pub mod resource;
 pub mod source;

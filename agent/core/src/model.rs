@@ -28,6 +28,10 @@ pub struct Topology {
     /// Sync windows: when rollouts may run (reverts always may).
     #[serde(default)]
     pub windows: Vec<crate::window::Window>,
+    /// Share of a ring's targets per wave (from the policy; filled in by
+    /// render).
+    #[serde(skip)]
+    pub wave_limit: Option<crate::policy::Share>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -35,40 +39,21 @@ pub enum TopologyKind {
     Topology,
 }
 
-/// Settings a service inherits unless it says otherwise.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+/// Settings every service inherits unless it says otherwise; unset ones
+/// come from the rollout policy by the service's criticality.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Defaults {
     #[serde(default)]
-    pub strategy: Strategy,
+    pub strategy: Option<Strategy>,
     #[serde(default)]
-    pub criticality: Criticality,
+    pub criticality: Option<Criticality>,
     /// How long a wave must stay healthy after it became healthy.
-    #[serde(default = "Defaults::default_soak", with = "duration")]
-    pub soak: Duration,
+    #[serde(default, with = "duration::option")]
+    pub soak: Option<Duration>,
     /// How long a wave may take to become healthy before its gate fails.
-    #[serde(default = "Defaults::default_gate_timeout", with = "duration")]
-    pub gate_timeout: Duration,
-}
-
-impl Defaults {
-    fn default_soak() -> Duration {
-        Duration::from_secs(0)
-    }
-    fn default_gate_timeout() -> Duration {
-        Duration::from_secs(60)
-    }
-}
-
-impl Default for Defaults {
-    fn default() -> Self {
-        Defaults {
-            strategy: Strategy::default(),
-            criticality: Criticality::default(),
-            soak: Self::default_soak(),
-            gate_timeout: Self::default_gate_timeout(),
-        }
-    }
+    #[serde(default, with = "duration::option")]
+    pub gate_timeout: Option<Duration>,
 }
 
 /// One place things are deployed to.
@@ -102,7 +87,7 @@ impl fmt::Display for TargetKind {
 }
 
 /// One service: a folder of manifests deployed to some targets.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceDef {
     /// Folder of manifests, relative to the watched path.
@@ -123,6 +108,50 @@ pub struct ServiceDef {
     pub soak: Option<Duration>,
     #[serde(default, with = "duration::option")]
     pub gate_timeout: Option<Duration>,
+    /// Canary steps and interval, over the policy's.
+    #[serde(default)]
+    pub canary: Option<CanaryOverride>,
+    /// Analysis criteria, over the policy's.
+    #[serde(default)]
+    pub analysis: Option<AnalysisOverride>,
+    /// Rolling: replicas replaced per batch (`1`, `25%`).
+    #[serde(default)]
+    pub max_unavailable: Option<crate::policy::Share>,
+    /// Blue-green: how long the old version stays warm after the switch.
+    #[serde(default, with = "duration::option")]
+    pub keep_warm: Option<Duration>,
+    /// The rollout as decided by these fields, `defaults:` and the policy
+    /// (filled in by render; never read from the file).
+    #[serde(skip)]
+    pub rollout: crate::policy::Rollout,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CanaryOverride {
+    #[serde(default)]
+    pub steps: Option<Vec<u8>>,
+    #[serde(default, with = "duration::option")]
+    pub interval: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnalysisOverride {
+    #[serde(default)]
+    pub max_error_ratio: Option<f64>,
+    #[serde(default)]
+    pub error_rate_floor: Option<f64>,
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    #[serde(default, with = "duration::option")]
+    pub max_p95_increase: Option<Duration>,
+    #[serde(default, with = "duration::option")]
+    pub max_p99_increase: Option<Duration>,
+    #[serde(default)]
+    pub inconclusive: Option<crate::policy::Inconclusive>,
+    #[serde(default, with = "duration::option")]
+    pub hold_timeout: Option<Duration>,
 }
 
 /// What to do about drift (live changed by hand).
@@ -317,8 +346,10 @@ pub struct ArtifactSpec {
     #[serde(default)]
     pub path: Option<String>,
     /// Hex sha256 of the content; a mismatch is an error and nothing is
-    /// applied.
-    pub sha256: String,
+    /// applied. Computed for `path` artifacts when unset; required for
+    /// downloads (by the default guardrail and by the host target).
+    #[serde(default)]
+    pub sha256: Option<String>,
     #[serde(default)]
     pub executable: bool,
 }

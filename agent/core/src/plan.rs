@@ -3,7 +3,9 @@
 //! # Ordering (deterministic, documented)
 //! 1. Dependency level: a service rolls after everything in its `dependsOn`
 //!    (level = 1 + the highest level of its dependencies).
-//! 2. Target ring: ring 0 before ring 1, inside one level.
+//! 2. Target ring: ring 0 before ring 1, inside one level. With a wave
+//!    limit (policy `waves.maxShare`), a ring's targets are split over
+//!    several waves, in target name order.
 //! 3. Inside a wave: deletes last; creates and updates by kind order
 //!    (`File` before `Process` before `Route` on hosts, so configuration is
 //!    in place before the process that reads it, and a route only points at
@@ -206,27 +208,45 @@ pub fn plan(
         buckets.entry(key).or_default().push(change);
     }
 
+    let ring_size = |ring: u32| topology.targets.iter().filter(|t| t.ring == ring).count();
     let mut strategies = BTreeMap::new();
     let mut waves = Vec::new();
-    for ((prune, level, ring), mut changes) in buckets {
-        changes.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
-        let services: BTreeSet<String> = changes.iter().map(|c| c.service.clone()).collect();
-        for s in &services {
-            if let Some(def) = topology.services.get(s) {
-                strategies.insert(
-                    s.clone(),
-                    def.strategy.unwrap_or(topology.defaults.strategy),
-                );
-            }
+    for ((prune, level, ring), changes) in buckets {
+        // Wave limit: at most `share` of the ring's targets per wave.
+        let per_wave = topology
+            .wave_limit
+            .map(|share| share.of(ring_size(ring)))
+            .unwrap_or(usize::MAX);
+        let mut by_target: BTreeMap<String, Vec<Change>> = BTreeMap::new();
+        for c in changes {
+            by_target.entry(c.id.target.clone()).or_default().push(c);
         }
-        waves.push(Wave {
-            index: waves.len(),
-            level,
-            ring,
-            services: services.into_iter().collect(),
-            changes,
-            prune,
-        });
+        let groups: Vec<Vec<Change>> = if by_target.len() > per_wave {
+            let targets: Vec<Vec<Change>> = by_target.into_values().collect();
+            targets
+                .chunks(per_wave)
+                .map(|chunk| chunk.concat())
+                .collect()
+        } else {
+            vec![by_target.into_values().flatten().collect()]
+        };
+        for mut changes in groups {
+            changes.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+            let services: BTreeSet<String> = changes.iter().map(|c| c.service.clone()).collect();
+            for s in &services {
+                if let Some(def) = topology.services.get(s) {
+                    strategies.insert(s.clone(), def.rollout.strategy);
+                }
+            }
+            waves.push(Wave {
+                index: waves.len(),
+                level,
+                ring,
+                services: services.into_iter().collect(),
+                changes,
+                prune,
+            });
+        }
     }
     Ok(Plan {
         revision: desired.revision.clone(),
@@ -338,6 +358,7 @@ mod tests {
             kind: TopologyKind::Topology,
             defaults: Defaults::default(),
             windows: Vec::new(),
+            wave_limit: None,
             targets: targets
                 .iter()
                 .map(|(n, r)| TargetDef {
@@ -354,12 +375,7 @@ mod tests {
                         ServiceDef {
                             path: n.to_string(),
                             depends_on: d.iter().map(|s| s.to_string()).collect(),
-                            strategy: None,
-                            criticality: None,
-                            targets: vec![],
-                            drift: Default::default(),
-                            soak: None,
-                            gate_timeout: None,
+                            ..Default::default()
                         },
                     )
                 })
@@ -392,6 +408,45 @@ mod tests {
             },
             resources,
         )
+    }
+
+    #[test]
+    fn a_wave_limit_splits_a_ring_into_shares_of_its_targets() {
+        let mut t = topology(
+            &[("api", &[])],
+            &[
+                ("canary", 0),
+                ("a", 1),
+                ("b", 1),
+                ("c", 1),
+                ("d", 1),
+                ("e", 1),
+            ],
+        );
+        t.wave_limit = Some(crate::policy::Share::Percent(40));
+        let items: Vec<_> = ["canary", "a", "b", "c", "d", "e"]
+            .iter()
+            .map(|target| (*target, "api", "api", json!({"v": 2})))
+            .collect();
+        let p = plan(&t, &desired(&items), &BTreeMap::new(), &Inventory::new()).unwrap();
+        let shape: Vec<(u32, Vec<&str>)> = p
+            .waves
+            .iter()
+            .map(|w| {
+                let targets = w.changes.iter().map(|c| c.id.target.as_str()).collect();
+                (w.ring, targets)
+            })
+            .collect();
+        // 40% of five ring-1 targets is two per wave; ring 0 goes first.
+        assert_eq!(
+            shape,
+            vec![
+                (0, vec!["canary"]),
+                (1, vec!["a", "b"]),
+                (1, vec!["c", "d"]),
+                (1, vec!["e"]),
+            ]
+        );
     }
 
     #[test]

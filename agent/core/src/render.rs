@@ -78,7 +78,7 @@ fn fmt_invalid(file: &str, line: &Option<usize>, field: &Option<String>, reason:
 }
 
 impl RenderError {
-    fn invalid(
+    pub(crate) fn invalid(
         file: &str,
         field: Option<&str>,
         line: Option<usize>,
@@ -100,11 +100,13 @@ pub struct Rendered {
     pub desired: DesiredState,
     /// The commit's `flags.yaml`, if any.
     pub flags: Option<FlagsFile>,
+    /// The effective policy: the shipped pack with the repository's over it.
+    pub policy: crate::policy::PolicyPack,
 }
 
 /// Renders one commit. See the module docs for the guarantees.
 pub fn render(snapshot: &Snapshot) -> Result<Rendered, RenderError> {
-    let topology = load_topology(snapshot)?;
+    let (topology, policy) = load_topology_with_policy(snapshot)?;
     let mut resources: BTreeMap<ResourceId, DesiredResource> = BTreeMap::new();
     for (name, service) in &topology.services {
         for resource in render_service(snapshot, &topology, name, service)? {
@@ -156,6 +158,7 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered, RenderError> {
         topology,
         desired: DesiredState::new(snapshot.revision.clone(), resources),
         flags,
+        policy,
     })
 }
 
@@ -213,8 +216,23 @@ fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
     }
 }
 
-/// Reads and validates `sluice.yaml`.
+/// Reads and validates `sluice.yaml`, with every service's rollout resolved
+/// through the commit's policy.
 pub fn load_topology(snapshot: &Snapshot) -> Result<Topology, RenderError> {
+    Ok(load_topology_with_policy(snapshot)?.0)
+}
+
+/// [`load_topology`], also returning the effective policy.
+pub fn load_topology_with_policy(
+    snapshot: &Snapshot,
+) -> Result<(Topology, crate::policy::PolicyPack), RenderError> {
+    let mut topology = load_topology_only(snapshot)?;
+    let pack = crate::policy::load(snapshot)?;
+    crate::policy::apply_defaults(&pack.rollout, &mut topology);
+    Ok((topology, pack))
+}
+
+fn load_topology_only(snapshot: &Snapshot) -> Result<Topology, RenderError> {
     let bytes = snapshot.read("", TOPOLOGY_FILE).map_err(|e| match e {
         PathError::NotFound { .. } => RenderError::invalid(
             TOPOLOGY_FILE,
@@ -322,6 +340,24 @@ fn validate_topology(snapshot: &Snapshot, t: &Topology, text: &str) -> Result<()
                 format!("folder {:?} not found in the commit", s.path),
             ));
         }
+        if let Some(steps) = s.canary.as_ref().and_then(|c| c.steps.as_ref()) {
+            crate::policy::check_steps(steps).map_err(|r| {
+                err(
+                    at("canary.steps"),
+                    &["services", name, "canary", "steps"],
+                    r,
+                )
+            })?;
+        }
+        if let Some(ratio) = s.analysis.as_ref().and_then(|a| a.max_error_ratio) {
+            if !(ratio.is_finite() && ratio >= 1.0) {
+                return Err(err(
+                    at("analysis.maxErrorRatio"),
+                    &["services", name, "analysis", "maxErrorRatio"],
+                    "must be a number of at least 1.0".into(),
+                ));
+            }
+        }
     }
     for (i, w) in t.windows.iter().enumerate() {
         let field = format!("windows[{i}]");
@@ -413,7 +449,7 @@ fn render_service(
         .iter()
         .filter(|t| service.targets.is_empty() || service.targets.contains(&t.name))
         .collect();
-    let strategy = service.strategy.unwrap_or(topology.defaults.strategy);
+    let strategy = service.rollout.strategy;
     let mut out = Vec::new();
     let files: Vec<String> = snapshot
         .list(&root)
@@ -627,7 +663,7 @@ fn host_body(
                 }
             }
             let mut names = BTreeSet::new();
-            for (i, a) in p.artifacts.iter().enumerate() {
+            for (i, a) in p.artifacts.iter_mut().enumerate() {
                 let field = format!("spec.artifacts[{i}]");
                 check_artifact(snapshot, root, a, &field, file, &mut blobs)?;
                 if !names.insert(a.name.clone()) {
@@ -723,10 +759,14 @@ fn host_body(
     ))
 }
 
+/// Checks an artifact. A repository file is pinned by the commit itself: its
+/// digest is computed (and checked against `sha256` when given). A download
+/// without `sha256` is left unpinned here: the default guardrail denies it
+/// with the plan, and the host target refuses it.
 fn check_artifact(
     snapshot: &Snapshot,
     root: &str,
-    a: &ArtifactSpec,
+    a: &mut ArtifactSpec,
     field: &str,
     file: &str,
     blobs: &mut BTreeMap<String, Arc<Vec<u8>>>,
@@ -735,8 +775,10 @@ fn check_artifact(
         RenderError::invalid(file, Some(&format!("{field}.{f}")), None, reason)
     };
     check_name(&a.name).map_err(|r| invalid("name", r))?;
-    if a.sha256.len() != 64 || !a.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid("sha256", "must be 64 hex digits".into()));
+    if let Some(sha) = &a.sha256 {
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid("sha256", "must be 64 hex digits".into()));
+        }
     }
     match (&a.url, &a.path) {
         (Some(url), None) => {
@@ -760,15 +802,17 @@ fn check_artifact(
                     source,
                 })?;
             let actual = hex::encode(Sha256::digest(bytes));
-            if !actual.eq_ignore_ascii_case(&a.sha256) {
-                return Err(invalid(
-                    "sha256",
-                    format!(
-                        "digest mismatch for {path}: expected {}, content has {actual}",
-                        a.sha256
-                    ),
-                ));
+            if let Some(expected) = &a.sha256 {
+                if !actual.eq_ignore_ascii_case(expected) {
+                    return Err(invalid(
+                        "sha256",
+                        format!(
+                            "digest mismatch for {path}: expected {expected}, content has {actual}"
+                        ),
+                    ));
+                }
             }
+            a.sha256 = Some(actual.clone());
             blobs.insert(actual, Arc::new(bytes.to_vec()));
         }
         _ => return Err(invalid("url", "set exactly one of `url` or `path`".into())),
@@ -979,7 +1023,7 @@ fn scrub(message: &str) -> String {
 
 /// Best-effort line of a nested key: the first line holding `keys[0]`, then
 /// from there the first holding `keys[1]`, and so on. 1-based.
-fn find_line(text: &str, keys: &[&str]) -> Option<usize> {
+pub(crate) fn find_line(text: &str, keys: &[&str]) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let mut at = 0;
     let mut found = None;

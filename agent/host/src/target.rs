@@ -269,10 +269,12 @@ impl HostTarget {
                     .replace("${VERSION}", &spec.version)
                     .replace("${REPLICA}", &replica.to_string());
                 for a in &spec.artifacts {
-                    s = s.replace(
-                        &format!("${{artifact.{}}}", a.name),
-                        &self.artifact_path(&a.sha256).display().to_string(),
-                    );
+                    if let Some(sha) = &a.sha256 {
+                        s = s.replace(
+                            &format!("${{artifact.{}}}", a.name),
+                            &self.artifact_path(sha).display().to_string(),
+                        );
+                    }
                 }
                 s
             };
@@ -802,16 +804,22 @@ impl Target for HostTarget {
         for r in resources.iter().filter(|r| r.id.kind == "Process") {
             let spec: ProcessSpec = spec_of(r)?;
             for a in &spec.artifacts {
-                let dest = self.artifact_path(&a.sha256);
-                if dest.exists() {
-                    continue;
-                }
                 let perr = |reason: String| TargetError::Prepare {
                     id: format!("{} artifact {}", r.id, a.name),
                     reason,
                 };
+                let Some(sha) = a.sha256.as_deref() else {
+                    return Err(perr(
+                        "a download needs its sha256 digest: the host target never runs unpinned content; nothing applied"
+                            .into(),
+                    ));
+                };
+                let dest = self.artifact_path(sha);
+                if dest.exists() {
+                    continue;
+                }
                 let mode = if a.executable { 0o755 } else { 0o644 };
-                if let Some(b) = r.blobs.get(&a.sha256.to_ascii_lowercase()) {
+                if let Some(b) = r.blobs.get(&sha.to_ascii_lowercase()) {
                     // Repository files were verified by render.
                     sluice_core::store::write_file_atomic(&dest, b, Some(mode))
                         .map_err(|e| perr(e.to_string()))?;
@@ -821,10 +829,9 @@ impl Target for HostTarget {
                     let part = dest.with_extension(format!("part{}", std::process::id()));
                     let result = download(url, &part).await;
                     let verified = match result {
-                        Ok(actual) if actual.eq_ignore_ascii_case(&a.sha256) => Ok(()),
+                        Ok(actual) if actual.eq_ignore_ascii_case(sha) => Ok(()),
                         Ok(actual) => Err(format!(
-                            "sha256 mismatch: expected {}, downloaded content has {actual}; nothing applied",
-                            a.sha256
+                            "sha256 mismatch: expected {sha}, downloaded content has {actual}; nothing applied"
                         )),
                         Err(e) => Err(e),
                     };
@@ -840,7 +847,7 @@ impl Target for HostTarget {
                 } else {
                     return Err(perr("no content (neither url nor repository path)".into()));
                 }
-                info!(target = %self.cfg.name, artifact = %a.name, sha256 = %a.sha256, "artifact cached");
+                info!(target = %self.cfg.name, artifact = %a.name, sha256 = %sha, "artifact cached");
             }
         }
         Ok(())
