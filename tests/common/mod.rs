@@ -191,7 +191,11 @@ impl Shop {
     /// Runs one `sluice` command to completion (at most two minutes).
     pub fn sluice(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(SLUICE);
-        cmd.arg(args[0]).args(self.flags()).args(&args[1..]);
+        // Flags go after the (sub)command words.
+        let words = if args[0] == "policy" { 2 } else { 1 };
+        cmd.args(&args[..words])
+            .args(self.flags())
+            .args(&args[words..]);
         run_with_timeout(cmd, Duration::from_secs(120))
     }
 

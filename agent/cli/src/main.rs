@@ -209,6 +209,10 @@ enum Command {
         #[arg(long)]
         rev: Option<String>,
     },
+    /// Policies of a commit: `sluice policy test` evaluates the guardrails
+    /// over everything it renders (exit 1 on any deny).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// One drift scan: live against the applied commit, per target.
     Drift {
         #[command(flatten)]
@@ -248,6 +252,19 @@ enum Command {
     Supervise {
         #[arg(long)]
         spec: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Render a commit (default: the branch head) and evaluate the policy
+    /// pack over it, as a rollout would: denies, warnings, and the rollout
+    /// each service gets. Exit 0 clean, 1 on any deny, 2 on bad input.
+    Test {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        rev: Option<String>,
     },
 }
 
@@ -303,6 +320,9 @@ fn main() -> ExitCode {
             head,
         } => runtime(|| report(common, pr, base, head)),
         Command::Flags { common, rev } => runtime(|| flags(common, rev)),
+        Command::Policy(PolicyCommand::Test { common, rev }) => {
+            runtime(|| policy_test(common, rev))
+        }
         Command::Drift {
             common,
             heal,
@@ -401,7 +421,28 @@ async fn plan(
     };
     let prepared = engine.prepare(&revision).await?;
     output::plan(common.output, &prepared.plan);
+    if common.output != Format::Json {
+        output::policy_findings(common.output, &prepared.policy);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn policy_test(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let revision = match rev {
+        Some(r) => {
+            engine.source.poll().await.ok();
+            engine.source.resolve(&r).await.map_err(EngineError::from)?
+        }
+        None => engine.source.poll().await.map_err(EngineError::from)?,
+    };
+    let prepared = engine.prepare(&revision).await?;
+    output::policy_test(common.output, &prepared);
+    Ok(if prepared.policy.is_denied() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn apply(

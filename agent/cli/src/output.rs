@@ -6,6 +6,7 @@ use chrono::Utc;
 use serde_json::json;
 use sluice_core::engine::{Reconciled, Status};
 use sluice_core::plan::{to_text, Plan};
+use sluice_core::policy::{Level, PolicyReport};
 use sluice_core::store::{HistoryEntry, HistoryKind, Outcome};
 
 use crate::Format;
@@ -567,10 +568,42 @@ pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
         let names: Vec<String> = r.expired_flags.iter().map(|f| md_escape(f)).collect();
         let _ = writeln!(s, "- **Expired feature flags:** {}", names.join("; "));
     }
-    let _ = writeln!(
-        s,
-        "- **Policies:** no policy pack is evaluated by this version\n"
-    );
+    let denies: Vec<_> = r.policy.denies().collect();
+    let warnings: Vec<_> = r.policy.warnings().collect();
+    if denies.is_empty() && warnings.is_empty() {
+        let _ = writeln!(
+            s,
+            "- **Policies:** passed ({} modules over {} resources and documents)\n",
+            r.policy.modules.len(),
+            r.policy.evaluated
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "- **Policies:** {} deny, {} warning{}\n",
+            denies.len(),
+            warnings.len(),
+            if denies.is_empty() {
+                ""
+            } else {
+                " — **this change will not be applied until every deny is fixed**"
+            }
+        );
+        for f in denies.iter().chain(&warnings) {
+            let _ = writeln!(
+                s,
+                "  - {} `{}` {}: {}",
+                match f.level {
+                    Level::Deny => "⛔ deny",
+                    Level::Warn => "⚠️ warn",
+                },
+                md_escape(&f.resource).replace('`', ""),
+                md_escape(&f.rule),
+                md_escape(&f.message)
+            );
+        }
+        let _ = writeln!(s);
+    }
     if !r.against_live.waves.is_empty() {
         let _ = writeln!(
             s,
@@ -663,7 +696,7 @@ pub fn flags(
             .iter()
             .map(|(t, v)| format!("{t}={v}"))
             .collect();
-        let expired = if flag.expires < today {
+        let expired = if flag.expires.is_some_and(|e| e < today) {
             "  EXPIRED"
         } else {
             ""
@@ -672,8 +705,10 @@ pub fn flags(
             "{:<24} {:<11} {:<16} {:<11} {:<9} {}{}{expired}",
             name,
             format!("{:?}", flag.kind).to_lowercase(),
-            flag.owner,
-            flag.expires,
+            flag.owner.as_deref().unwrap_or("-"),
+            flag.expires
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "-".into()),
             format!("{:?}", flag.state).to_lowercase(),
             flag.default,
             if per_target.is_empty() {
@@ -683,4 +718,126 @@ pub fn flags(
             }
         );
     }
+}
+
+/// Guardrail findings after a plan (text and markdown).
+pub fn policy_findings(format: Format, report: &PolicyReport) {
+    let findings: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
+    if findings.is_empty() {
+        return;
+    }
+    match format {
+        Format::Markdown => {
+            println!("\n**Policy findings**\n");
+            for f in findings {
+                println!("- {}", md_escape(&f));
+            }
+        }
+        _ => {
+            println!("\nPolicy findings:");
+            for f in findings {
+                println!("  {f}");
+            }
+        }
+    }
+}
+
+/// `sluice policy test`: the rollout each service gets, and the findings.
+pub fn policy_test(format: Format, prepared: &sluice_core::engine::Prepared) {
+    let topo = &prepared.rendered.topology;
+    let report = &prepared.policy;
+    let pack = &prepared.rendered.policy;
+    if format == Format::Json {
+        let rollouts: std::collections::BTreeMap<&String, _> =
+            topo.services.iter().map(|(n, d)| (n, &d.rollout)).collect();
+        print_json(&json!({
+            "commit": prepared.plan.revision.commit,
+            "denied": report.is_denied(),
+            "findings": report.findings,
+            "evaluated": report.evaluated,
+            "modules": report.modules,
+            "rolloutFromRepository": pack.rollout_from_repository,
+            "rollouts": rollouts,
+            "waveLimit": topo.wave_limit.map(|w| w.to_string()),
+        }));
+        return;
+    }
+    println!(
+        "commit {}: {} module(s) evaluated over {} resource(s) and document(s); rollout policy: {}",
+        prepared.plan.revision.commit.short(),
+        report.modules.len(),
+        report.evaluated,
+        if pack.rollout_from_repository {
+            "shipped defaults + policies/rollout.yaml"
+        } else {
+            "shipped defaults"
+        }
+    );
+    for m in &report.modules {
+        println!(
+            "  {} ({})",
+            m.path,
+            match m.origin {
+                sluice_core::policy::Origin::Default => "shipped",
+                sluice_core::policy::Origin::Repository => "repository",
+            }
+        );
+    }
+    println!("\nRollout per service:");
+    for (name, d) in &topo.services {
+        let r = &d.rollout;
+        let mut line = format!(
+            "  {name:<16} {:<9} {:<9} soak {:<6} gate timeout {:<6}",
+            format!("{:?}", r.criticality).to_lowercase(),
+            format!("{:?}", r.strategy).to_lowercase(),
+            sluice_core::model::duration::format(r.soak),
+            sluice_core::model::duration::format(r.gate_timeout),
+        );
+        match r.strategy {
+            sluice_core::model::Strategy::Canary => {
+                let _ = write!(
+                    line,
+                    " steps {:?} every {}, errors <= {}x baseline, min {} requests, inconclusive: {:?}",
+                    r.canary.steps,
+                    sluice_core::model::duration::format(r.canary.interval),
+                    r.analysis.max_error_ratio,
+                    r.analysis.min_requests,
+                    r.inconclusive
+                );
+            }
+            sluice_core::model::Strategy::Rolling => {
+                let _ = write!(line, " maxUnavailable {}", r.max_unavailable);
+            }
+            sluice_core::model::Strategy::Bluegreen => {
+                let _ = write!(
+                    line,
+                    " keep warm {}",
+                    sluice_core::model::duration::format(r.keep_warm)
+                );
+            }
+            sluice_core::model::Strategy::Recreate => {}
+        }
+        println!("{}", line.trim_end());
+    }
+    let denies = report.denies().count();
+    let warns = report.warnings().count();
+    if report.findings.is_empty() {
+        println!("\nno findings");
+    } else {
+        println!();
+        for f in &report.findings {
+            println!("{f}");
+        }
+        if report.dropped > 0 {
+            println!("... and {} more", report.dropped);
+        }
+    }
+    println!(
+        "\npolicy: {denies} deny, {warns} warning(s){}",
+        if denies > 0 {
+            ": this commit would not be applied"
+        } else {
+            ""
+        }
+    );
 }
