@@ -205,6 +205,9 @@ pub struct Engine {
     pub gate_factories: Vec<Arc<dyn GateFactory>>,
     /// Where revert pull requests go after an automatic revert.
     pub forge: Option<Arc<dyn PullRequests>>,
+    /// Where canary analysis reads its counters (Prometheus); None: each
+    /// target's own (the router's).
+    pub metrics: Option<Arc<dyn crate::traffic::Metrics>>,
 }
 
 impl Engine {
@@ -467,6 +470,8 @@ impl Engine {
                 step: "prepare".into(),
                 started: self.clock.now(),
                 step_started: self.clock.now(),
+                traffic: None,
+                analysis: Vec::new(),
             })
         })?;
         let result = self
@@ -491,7 +496,15 @@ impl Engine {
             decision: None,
             retry: opts.retry,
             window_override: opts.window_override,
+            analysis: Vec::new(),
         };
+        // The analysis verdicts of this run, into its history entry.
+        entry.analysis = self
+            .store
+            .load()?
+            .in_progress
+            .map(|p| p.analysis)
+            .unwrap_or_default();
         match result {
             Ok(()) => {
                 let mut state = self.store.load()?;
@@ -601,15 +614,31 @@ impl Engine {
                 let Some(target) = prepared.targets.get(&change.id.target) else {
                     continue;
                 };
-                let result = match change.action {
-                    Action::Create | Action::Update => {
-                        match prepared.rendered.desired.resources.get(&change.id) {
-                            Some(r) => target.apply(r).await.map(|()| {
-                                applied.push(change.id.clone());
-                            }),
-                            None => Ok(()),
-                        }
+                let desired = prepared.rendered.desired.resources.get(&change.id);
+                if let (true, Action::Update, Some(r)) = (gated, change.action, desired) {
+                    if let Some(traffic) = self.progressive_for(prepared, target.as_ref(), r).await
+                    {
+                        let result = self.progressive(prepared, wave.index, traffic, r).await;
+                        self.record_inventory(
+                            prepared,
+                            change.action,
+                            &change.id,
+                            &change.service,
+                            true,
+                        )
+                        .map_err(|e| (e, None))?;
+                        result?;
+                        applied.push(change.id.clone());
+                        continue;
                     }
+                }
+                let result = match change.action {
+                    Action::Create | Action::Update => match desired {
+                        Some(r) => target.apply(r).await.map(|()| {
+                            applied.push(change.id.clone());
+                        }),
+                        None => Ok(()),
+                    },
                     Action::Delete => target.delete(&change.id).await,
                     Action::Unchanged => Ok(()),
                 };
@@ -636,6 +665,7 @@ impl Engine {
                     resource: None,
                     measurement: e.to_string(),
                     threshold: "every change of the wave applies".into(),
+                    restored_ms: None,
                 };
                 return Err((e.into(), Some(decision)));
             }
@@ -682,6 +712,7 @@ impl Engine {
                     resource,
                     measurement: measurement.clone(),
                     threshold: threshold.clone(),
+                    restored_ms: None,
                 };
                 (
                     EngineError::Gate {
@@ -819,6 +850,8 @@ impl Engine {
                 step: "revert".into(),
                 started: self.clock.now(),
                 step_started: self.clock.now(),
+                traffic: None,
+                analysis: Vec::new(),
             })
         })?;
         let result = self.rollout(&prepared, false, &[]).await;
@@ -856,6 +889,7 @@ impl Engine {
             decision: None,
             retry: false,
             window_override: false,
+            analysis: Vec::new(),
         })?;
         match result {
             Ok(()) => {
@@ -1035,6 +1069,7 @@ impl Engine {
                     decision: None,
                     retry: false,
                     window_override: false,
+                    analysis: Vec::new(),
                 })?;
             }
             reports.push(DriftReport {
@@ -1255,14 +1290,14 @@ impl Engine {
         }
     }
 
-    fn mark(&self, f: impl FnOnce(&mut AgentState)) -> Result<(), EngineError> {
+    pub(crate) fn mark(&self, f: impl FnOnce(&mut AgentState)) -> Result<(), EngineError> {
         let mut state = self.store.load()?;
         f(&mut state);
         self.store.save(&state)?;
         Ok(())
     }
 
-    fn progress(&self, wave: usize, step: &str) -> Result<(), EngineError> {
+    pub(crate) fn progress(&self, wave: usize, step: &str) -> Result<(), EngineError> {
         let now = self.clock.now();
         self.mark(|s| {
             if let Some(p) = &mut s.in_progress {
@@ -1504,6 +1539,7 @@ mod tests {
             gate_poll: Duration::from_millis(10),
             gate_factories: Vec::new(),
             forge: None,
+            metrics: None,
         };
         (engine, source, target, dir)
     }
@@ -1650,6 +1686,8 @@ mod tests {
                     step: "revert".into(),
                     started: Utc::now(),
                     step_started: Utc::now(),
+                    traffic: None,
+                    analysis: Vec::new(),
                 })
             })
             .unwrap();
@@ -1691,6 +1729,8 @@ mod tests {
                     step: "gate".into(),
                     started: Utc::now(),
                     step_started: Utc::now(),
+                    traffic: None,
+                    analysis: Vec::new(),
                 })
             })
             .unwrap();

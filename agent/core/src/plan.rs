@@ -395,6 +395,7 @@ mod tests {
                     body: json!({"spec": spec}),
                     redact: vec![],
                     strategy: Strategy::Rolling,
+                    max_unavailable: None,
                     blobs: Default::default(),
                 };
                 (id, r)

@@ -212,6 +212,7 @@ fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
         }),
         redact: Vec::new(),
         strategy: Default::default(),
+        max_unavailable: None,
         blobs: BTreeMap::new(),
     }
 }
@@ -519,6 +520,7 @@ fn render_service(
                         body: body.clone(),
                         redact: redact.clone(),
                         strategy,
+                        max_unavailable: Some(service.rollout.max_unavailable),
                         blobs: blobs.clone(),
                     });
                 }

@@ -69,6 +69,10 @@ pub struct DesiredResource {
     /// How the service rolls this resource out (from `sluice.yaml`).
     #[serde(default)]
     pub strategy: Strategy,
+    /// Rolling: how many replicas may be replaced at once (policy,
+    /// overridable per service). None: all at once.
+    #[serde(skip)]
+    pub max_unavailable: Option<crate::policy::Share>,
     /// Repository files the resource needs, keyed by sha256 hex digest
     /// (already verified by render). Not serialised: content lives in git,
     /// the digest in `body`.
@@ -184,6 +188,7 @@ mod tests {
                 body: serde_json::json!({"spec": {"content": v}}),
                 redact: vec![],
                 strategy: Strategy::Rolling,
+                max_unavailable: None,
                 blobs: Default::default(),
             };
             DesiredState::new(rev.clone(), [(id, r)].into())

@@ -82,6 +82,74 @@ pub struct InProgress {
     pub step: String,
     pub started: DateTime<Utc>,
     pub step_started: DateTime<Utc>,
+    /// A canary or blue-green under way: weights and running verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficStatus>,
+    /// Every analysis verdict of this rollout so far (all resources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<IntervalVerdict>,
+}
+
+/// A progressive rollout of one resource, as `sluice status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficStatus {
+    pub resource: String,
+    pub strategy: crate::model::Strategy,
+    pub baseline: String,
+    pub canary: String,
+    /// The canary's share of traffic now, in percent.
+    pub weight: u8,
+    /// Step (1-based) of `steps`.
+    pub step: usize,
+    pub steps: Vec<u8>,
+    /// Where the counters come from.
+    pub metrics: String,
+    /// This rollout's verdicts so far, newest last.
+    pub verdicts: Vec<IntervalVerdict>,
+}
+
+/// The verdict of one analysis interval, with its numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IntervalVerdict {
+    pub at: DateTime<Utc>,
+    pub resource: String,
+    pub step: usize,
+    pub weight: u8,
+    pub baseline: Measured,
+    pub canary: Measured,
+    pub judgement: crate::analysis::Judgement,
+}
+
+/// What one version served in an interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Measured {
+    pub requests: u64,
+    pub errors: u64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Measured {
+    pub fn of(s: &crate::analysis::Sample) -> Self {
+        let ms = |q| (crate::analysis::quantile(&s.latencies, q) * 1000.0 * 10.0).round() / 10.0;
+        Measured {
+            requests: s.requests,
+            errors: s.errors,
+            p95_ms: if s.latencies.is_empty() {
+                0.0
+            } else {
+                ms(0.95)
+            },
+            p99_ms: if s.latencies.is_empty() {
+                0.0
+            } else {
+                ms(0.99)
+            },
+        }
+    }
 }
 
 /// Source health, for status and backoff.
@@ -176,6 +244,9 @@ pub struct HistoryEntry {
     /// Rolled out outside its sync windows by hand (`apply --override`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub window_override: bool,
+    /// Every canary analysis verdict of the rollout, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<IntervalVerdict>,
 }
 
 /// The record of a gate's verdict that aborted a rollout.
@@ -188,6 +259,10 @@ pub struct Decision {
     pub resource: Option<String>,
     pub measurement: String,
     pub threshold: String,
+    /// A failed canary or blue-green: milliseconds from the failing verdict
+    /// until the router sent all traffic to the baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -432,6 +507,7 @@ mod tests {
             decision: None,
             retry: false,
             window_override: false,
+            analysis: Vec::new(),
         }
     }
 

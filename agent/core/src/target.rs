@@ -58,6 +58,13 @@ pub trait Target: Send + Sync {
 
     /// Removes a resource that the inventory says sluice created.
     async fn delete(&self, id: &ResourceId) -> Result<(), TargetError>;
+
+    /// Traffic splitting, for targets that can run two versions of a
+    /// resource at once (canary, blue-green). None: every change is
+    /// applied directly.
+    fn traffic(&self) -> Option<&dyn crate::traffic::Traffic> {
+        None
+    }
 }
 
 /// Builds the live [`Target`] for a target named in `sluice.yaml`. The agent

@@ -93,8 +93,11 @@ pub struct Histogram {
     pub count: u64,
 }
 
-const BOUNDS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// Fine enough between 50 ms and 500 ms that the analysis can tell a
+/// release 100-200 ms slower from its baseline.
+const BOUNDS: [f64; 21] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+    0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 impl Default for Histogram {
@@ -739,6 +742,6 @@ mod tests {
             h.observe(0.2);
         }
         assert_eq!(h.quantile(0.5), 0.0025);
-        assert_eq!(h.quantile(0.95), 0.25);
+        assert_eq!(h.quantile(0.95), 0.2);
     }
 }
