@@ -106,6 +106,7 @@ fn resource(kind: &str, name: &str, spec: Value, strategy: Strategy) -> DesiredR
         body: json!({"apiVersion": "sluice.dev/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}),
         redact: vec![],
         strategy,
+        max_unavailable: None,
         blobs: BTreeMap::new(),
     }
 }

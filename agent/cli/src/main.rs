@@ -6,6 +6,7 @@
 mod demo;
 mod forge;
 mod output;
+mod prometheus;
 mod run;
 mod setup;
 mod webhook;
@@ -68,6 +69,11 @@ pub struct Common {
     /// server). Off by default, as in Flux.
     #[arg(long, env = "SLUICE_ALLOW_INSECURE")]
     pub allow_insecure: bool,
+    /// Canary analysis reads its counters from this Prometheus (which
+    /// scrapes each router's admin /metrics), e.g. http://127.0.0.1:9090.
+    /// Default: the router's own counters.
+    #[arg(long, env = "SLUICE_PROMETHEUS_URL")]
+    pub prometheus_url: Option<String>,
     #[command(flatten)]
     pub forge: ForgeArgs,
 }

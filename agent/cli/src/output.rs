@@ -298,6 +298,25 @@ pub fn status_text(s: &Status) -> String {
             p.step,
             ago(p.step_started).trim_end_matches(" ago")
         );
+        if let Some(t) = &p.traffic {
+            let _ = writeln!(
+                out,
+                "  Traffic: {:?} of {}: {} {}% | {} {}% (step {}/{} of {:?}); metrics from {}",
+                t.strategy,
+                t.resource,
+                t.baseline,
+                100 - t.weight.min(100),
+                t.canary,
+                t.weight,
+                t.step,
+                t.steps.len(),
+                t.steps,
+                t.metrics
+            );
+        }
+        for v in &p.analysis {
+            let _ = writeln!(out, "  {}", verdict_line(v));
+        }
     }
     if s.state.targets.is_empty() {
         let _ = writeln!(out, "\nNothing applied yet.");
@@ -390,16 +409,26 @@ pub fn status_text(s: &Status) -> String {
             let _ = writeln!(out, "  error: {e}");
         }
     }
+    // The last rollout's analysis verdicts, if it had any.
+    if let Some(last) = s.history.last().filter(|e| !e.analysis.is_empty()) {
+        let _ = writeln!(out, "  analysis:");
+        for v in &last.analysis {
+            let _ = writeln!(out, "    {}", verdict_line(v));
+        }
+    }
     // The newest abort's decision record: which gate, what, against what.
     if let Some(d) = s.history.iter().rev().find_map(|e| e.decision.as_ref()) {
         let _ = writeln!(
             out,
-            "Last abort: wave {}, gate {} at {}: {} (threshold: {})",
+            "Last abort: wave {}, gate {} at {}: {} (threshold: {}){}",
             d.wave + 1,
             d.gate,
             d.at.format("%Y-%m-%d %H:%M:%S UTC"),
             d.measurement,
-            d.threshold
+            d.threshold,
+            d.restored_ms
+                .map(|ms| format!("; all traffic back on the baseline in {ms} ms"))
+                .unwrap_or_default()
         );
     }
     let d = dora(&s.history);
@@ -413,6 +442,32 @@ pub fn status_text(s: &Status) -> String {
         secs(d["timeToRestoreSeconds"].as_f64()),
     );
     out
+}
+
+/// One analysis verdict: step, weight, outcome and the numbers behind it.
+fn verdict_line(v: &sluice_core::store::IntervalVerdict) -> String {
+    use sluice_core::analysis::Judgement;
+    let outcome = match &v.judgement {
+        Judgement::Pass { .. } => "pass".to_string(),
+        Judgement::Fail {
+            metric,
+            measurement,
+            threshold,
+        } => format!("FAIL {metric}: {measurement} (threshold: {threshold})"),
+        Judgement::Inconclusive { reason } => format!("inconclusive: {reason}"),
+    };
+    format!(
+        "{} step {} at {}%: {outcome}; baseline {} req, {} err, p99 {} ms; canary {} req, {} err, p99 {} ms",
+        v.resource,
+        v.step,
+        v.weight,
+        v.baseline.requests,
+        v.baseline.errors,
+        v.baseline.p99_ms,
+        v.canary.requests,
+        v.canary.errors,
+        v.canary.p99_ms
+    )
 }
 
 fn kind(k: HistoryKind) -> &'static str {

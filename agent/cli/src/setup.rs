@@ -91,6 +91,13 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         limits: Limits::default(),
         gate_poll: Duration::from_millis(100),
         gate_factories: Vec::new(),
+        metrics: match &common.prometheus_url {
+            Some(url) => Some(Arc::new(
+                crate::prometheus::Prometheus::new(url)
+                    .map_err(|e| ConfigError(format!("--prometheus-url: {e}")))?,
+            )),
+            None => None,
+        },
         forge: common
             .forge
             .connect()?

@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod instance;
+mod split;
 pub mod supervise;
 mod target;
 
+pub use split::{counters_of, RouterMetrics};
 pub use target::{HostConfig, HostTarget};

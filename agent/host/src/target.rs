@@ -31,6 +31,34 @@ use crate::instance::{
     write_json, Instance, LaunchSpec, Probe, Restart, RestartPolicy, Supervisor,
 };
 
+/// A Process split between its recorded release and a new one
+/// (`splits.json`): the router weights traffic by it. Kept on disk so a
+/// restarted agent, and the router, see the same split.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SplitRecord {
+    pub canary_digest: String,
+    /// Version labels the router reports each release under.
+    pub baseline: String,
+    pub canary: String,
+    /// The canary's percent; none while rolling (every replica equal).
+    pub weight: Option<u8>,
+}
+
+/// The canary's version label: its version, or, when the baseline runs the
+/// same version (a config-only change), the version and a digest prefix.
+pub(crate) fn distinct_label(baseline: &str, version: &str, digest: &str) -> String {
+    if baseline != version {
+        return version.to_string();
+    }
+    let short: String = digest
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(8)
+        .collect();
+    format!("{version}+{short}")
+}
+
 #[derive(Clone, Debug)]
 pub struct HostConfig {
     /// Target name from sluice.yaml.
@@ -47,11 +75,11 @@ pub struct HostConfig {
 }
 
 pub struct HostTarget {
-    cfg: HostConfig,
-    sup: Supervisor,
+    pub(crate) cfg: HostConfig,
+    pub(crate) sup: Supervisor,
     /// One change at a time on this target (the engine applies serially;
     /// this guards against a concurrent status probe racing a stop).
-    lock: Mutex<()>,
+    pub(crate) lock: Mutex<()>,
     http: reqwest::Client,
 }
 
@@ -92,7 +120,7 @@ impl HostTarget {
         self.cfg.state_dir.join("resources.json")
     }
 
-    fn records(&self) -> BTreeMap<String, Value> {
+    pub(crate) fn records(&self) -> BTreeMap<String, Value> {
         std::fs::read(self.resources_path())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -106,7 +134,7 @@ impl HostTarget {
         })
     }
 
-    fn record_key(id: &ResourceId) -> String {
+    pub(crate) fn record_key(id: &ResourceId) -> String {
         format!("{}/{}", id.kind, id.name)
     }
 
@@ -218,7 +246,7 @@ impl HostTarget {
     }
 
     /// Builds the launch specs of a Process's desired replicas.
-    fn launch_specs(
+    pub(crate) fn launch_specs(
         &self,
         r: &DesiredResource,
         spec: &ProcessSpec,
@@ -372,7 +400,41 @@ impl HostTarget {
             }
         }
         let started_at = Instant::now();
-        for w in &wanted {
+        let batch = r
+            .max_unavailable
+            .map(|s| s.of(spec.replicas as usize))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let old_live: Vec<&Instance> = old.iter().copied().filter(|i| i.alive).collect();
+        if r.strategy == Strategy::Rolling && !old_live.is_empty() && batch < wanted.len() {
+            self.roll_in_batches(r, &spec, &wanted, &old_live, batch)
+                .await?;
+        } else {
+            self.start_and_wait(r, &spec, &wanted).await?;
+        }
+        // A direct apply is a full switch: any traffic split ends here.
+        self.clear_split(&r.id.name)?;
+        self.record(r)?;
+        self.sync_routes().await?;
+        for i in &old {
+            self.sup.stop(i).await;
+        }
+        info!(target = %self.cfg.name, resource = %r.id.name, version = %spec.version, ms = started_at.elapsed().as_millis() as u64, "process ready");
+        Ok(())
+    }
+
+    /// Starts `wanted` (idempotent: running ones stay) and waits until all
+    /// are ready. On timeout the new instances that are not the recorded
+    /// release are stopped, so the old ones keep serving alone.
+    pub(crate) async fn start_and_wait(
+        &self,
+        r: &DesiredResource,
+        spec: &ProcessSpec,
+        wanted: &[LaunchSpec],
+    ) -> Result<(), TargetError> {
+        let wanted_keys: Vec<&str> = wanted.iter().map(|w| w.key.as_str()).collect();
+        let started_at = Instant::now();
+        for w in wanted {
             self.sup
                 .start(w)
                 .await
@@ -413,7 +475,7 @@ impl HostTarget {
                 }
             }
             if all_ready {
-                break;
+                return Ok(());
             }
             if started_at.elapsed() >= timeout {
                 let detail = match &not_ready {
@@ -455,16 +517,88 @@ impl HostTarget {
             }
             tokio::time::sleep(period).await;
         }
-        self.record(r)?;
-        self.sync_routes().await?;
-        for i in &old {
-            self.sup.stop(i).await;
+    }
+
+    /// Rolling: `batch` new replicas start and become ready, the routes
+    /// send traffic to every ready replica of both releases, then `batch`
+    /// old ones stop; so at most `batch` replicas are ever being replaced
+    /// and serving capacity never drops. A failure leaves the old release
+    /// serving (the engine then reverts, which restarts what was stopped).
+    async fn roll_in_batches(
+        &self,
+        r: &DesiredResource,
+        spec: &ProcessSpec,
+        wanted: &[LaunchSpec],
+        old: &[&Instance],
+        batch: usize,
+    ) -> Result<(), TargetError> {
+        let digest = digest_of(&r.body);
+        let baseline = old
+            .first()
+            .map(|i| i.spec.version.clone())
+            .unwrap_or_default();
+        let canary = distinct_label(&baseline, &spec.version, &digest);
+        self.save_split(
+            &r.id.name,
+            Some(SplitRecord {
+                canary_digest: digest,
+                baseline,
+                canary,
+                weight: None,
+            }),
+        )?;
+        let mut old = old.iter();
+        for (n, chunk) in wanted.chunks(batch).enumerate() {
+            if let Err(e) = self.start_and_wait(r, spec, chunk).await {
+                self.clear_split(&r.id.name)?;
+                self.sync_routes().await?;
+                return Err(e);
+            }
+            self.sync_routes().await?;
+            for i in old.by_ref().take(chunk.len()) {
+                self.sup.stop(i).await;
+            }
+            self.sync_routes().await?;
+            info!(target = %self.cfg.name, resource = %r.id.name, batch = n + 1, replaced = chunk.len(), "rolling batch ready");
         }
-        info!(target = %self.cfg.name, resource = %r.id.name, version = %spec.version, ms = started_at.elapsed().as_millis() as u64, "process ready");
         Ok(())
     }
 
-    fn record(&self, r: &DesiredResource) -> Result<(), TargetError> {
+    fn splits_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("splits.json")
+    }
+
+    pub(crate) fn splits(&self) -> BTreeMap<String, SplitRecord> {
+        std::fs::read(self.splits_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn save_split(
+        &self,
+        process: &str,
+        split: Option<SplitRecord>,
+    ) -> Result<(), TargetError> {
+        let mut all = self.splits();
+        let changed = match split {
+            Some(s) => all.insert(process.to_string(), s.clone()) != Some(s),
+            None => all.remove(process).is_some(),
+        };
+        if !changed {
+            return Ok(());
+        }
+        write_json(&self.splits_path(), &all).map_err(|e| TargetError::Apply {
+            id: format!("{}/Process/{process}", self.cfg.name),
+            reason: format!("recording the traffic split: {e}"),
+        })
+    }
+
+    pub(crate) fn clear_split(&self, process: &str) -> Result<(), TargetError> {
+        self.save_split(process, None)
+    }
+
+    pub(crate) fn record(&self, r: &DesiredResource) -> Result<(), TargetError> {
         let mut records = self.records();
         records.insert(Self::record_key(&r.id), r.body.clone());
         self.save_records(&records)
@@ -482,7 +616,7 @@ impl HostTarget {
     /// The admin client of this target's router, if it runs. The router
     /// binds an ephemeral port itself and writes it to `router.addr`, so no
     /// other process can take its port between choosing and binding.
-    fn router_client(&self) -> Option<AdminClient> {
+    pub(crate) fn router_client(&self) -> Option<AdminClient> {
         self.sup
             .list()
             .into_iter()
@@ -565,7 +699,7 @@ impl HostTarget {
 
     /// Points every Route at the current replicas of its Process: those
     /// running the body last recorded for that Process.
-    async fn sync_routes(&self) -> Result<(), TargetError> {
+    pub(crate) async fn sync_routes(&self) -> Result<(), TargetError> {
         let records = self.records();
         let routes: Vec<(String, RouteSpec)> = records
             .iter()
@@ -581,24 +715,51 @@ impl HostTarget {
             return Ok(());
         }
         let instances = self.sup.list();
+        let splits = self.splits();
         let mut cfg = RouterConfig::default();
         for (name, spec) in routes {
             let active = records
                 .get(&format!("Process/{}", spec.process))
                 .map(digest_of);
-            let backends = instances
+            let split = splits.get(&spec.process);
+            let live = |digest: Option<&String>| -> Vec<&Instance> {
+                instances
+                    .iter()
+                    .filter(|i| {
+                        i.alive && i.spec.resource == spec.process && Some(&i.spec.digest) == digest
+                    })
+                    .collect()
+            };
+            let baseline = live(active.as_ref());
+            let canary = split
+                .map(|s| live(Some(&s.canary_digest)))
+                .unwrap_or_default();
+            // Per-backend weights so that each release's share is what the
+            // split says whatever its replica count; rolling (no weight)
+            // spreads evenly over every ready replica.
+            let (wb, wc) = match split.and_then(|s| s.weight) {
+                _ if canary.is_empty() => (1, 0),
+                _ if baseline.is_empty() => (0, 1),
+                Some(w) => (
+                    (100 - w.min(100) as u32) * canary.len() as u32,
+                    w.min(100) as u32 * baseline.len() as u32,
+                ),
+                None => (1, 1),
+            };
+            let backend = |i: &Instance, label: Option<&String>, weight: u32| Backend {
+                id: i.spec.key.clone(),
+                version: label.cloned().unwrap_or_else(|| i.spec.version.clone()),
+                addr: SocketAddr::from(([127, 0, 0, 1], i.spec.port)),
+                weight,
+            };
+            let backends = baseline
                 .iter()
-                .filter(|i| {
-                    i.alive
-                        && i.spec.resource == spec.process
-                        && Some(&i.spec.digest) == active.as_ref()
-                })
-                .map(|i| Backend {
-                    id: i.spec.key.clone(),
-                    version: i.spec.version.clone(),
-                    addr: SocketAddr::from(([127, 0, 0, 1], i.spec.port)),
-                    weight: 1,
-                })
+                .map(|i| backend(i, split.map(|s| &s.baseline), wb))
+                .chain(
+                    canary
+                        .iter()
+                        .map(|i| backend(i, split.map(|s| &s.canary), wc)),
+                )
                 .collect();
             let listen = spec.listen.parse().map_err(|_| TargetError::Invalid {
                 id: format!("{}/Route/{name}", self.cfg.name),
@@ -641,9 +802,12 @@ impl HostTarget {
                 let mut body = current[0].spec.body.clone();
                 // Replicas of another release (left by a crash mid-rollout)
                 // are a difference the plan must show and the apply remove.
+                // A release being rolled out beside it (a split) is not stray.
+                let splitting = self.splits().get(&id.name).map(|s| s.canary_digest.clone());
                 let stray: Vec<&str> = mine
                     .iter()
                     .filter(|i| !current.iter().any(|c| c.spec.key == i.spec.key))
+                    .filter(|i| Some(&i.spec.digest) != splitting.as_ref())
                     .map(|i| i.spec.key.as_str())
                     .collect();
                 if !stray.is_empty() {
@@ -888,6 +1052,10 @@ impl Target for HostTarget {
         }
     }
 
+    fn traffic(&self) -> Option<&dyn sluice_core::traffic::Traffic> {
+        Some(self)
+    }
+
     async fn delete(&self, id: &ResourceId) -> Result<(), TargetError> {
         let _guard = self.lock.lock().await;
         match id.kind.as_str() {
@@ -900,6 +1068,7 @@ impl Target for HostTarget {
                 {
                     self.sup.stop(&i).await;
                 }
+                self.clear_split(&id.name)?;
                 self.forget(id)?;
                 self.sync_routes().await.or_else(|e| {
                     warn!(error = %e, "could not update the router after a delete");
@@ -947,7 +1116,9 @@ impl Target for HostTarget {
     }
 }
 
-fn spec_of<T: serde::de::DeserializeOwned>(r: &DesiredResource) -> Result<T, TargetError> {
+pub(crate) fn spec_of<T: serde::de::DeserializeOwned>(
+    r: &DesiredResource,
+) -> Result<T, TargetError> {
     serde_json::from_value(r.body.get("spec").cloned().unwrap_or(Value::Null)).map_err(|e| {
         TargetError::Invalid {
             id: r.id.to_string(),
