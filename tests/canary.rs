@@ -385,6 +385,47 @@ fn a_low_traffic_service_stays_inconclusive_then_does_what_the_policy_says() {
     assert_eq!(v.last().map(|x| x.2.as_str()), Some("pass"), "{v:?}");
 }
 
+#[test]
+fn rolling_replaces_replicas_in_batches_and_loses_no_request() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.edit(
+        "sluice.yaml",
+        "  catalog:\n    path: services/catalog\n",
+        "  catalog:\n    path: services/catalog\n    strategy: rolling\n    maxUnavailable: 1\n",
+    );
+    shop.edit(
+        "services/catalog/catalog.yaml",
+        "  version:",
+        "  replicas: 3\n  version:",
+    );
+    shop.commit("three catalog replicas, rolled one at a time");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    assert_eq!(catalog_versions(&shop), ["1.0.0", "1.0.0", "1.0.0"]);
+    release(&shop, "");
+    let load = Load::start(shop.ports["catalog"], 2, Duration::from_millis(2));
+    let out = shop.sluice(&["apply"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let tally = load.stop();
+    assert_eq!(out.code, 0, "{}", out.all());
+    // One replica per batch, three batches.
+    let batches: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("rolling batch ready"))
+        .collect();
+    assert_eq!(batches.len(), 3, "{}", out.stderr);
+    assert!(
+        batches.iter().all(|l| l.contains("replaced=1")),
+        "{batches:?}"
+    );
+    assert_eq!(tally.lost, 0, "{tally:?}");
+    assert!(tally.failed.is_empty(), "{tally:?}");
+    // Both releases served while rolling, only the new one after.
+    assert!(tally.ok.get("1.0.0").is_some_and(|n| *n > 0), "{tally:?}");
+    assert!(tally.recent.iter().all(|v| v == "2.0.0"), "{tally:?}");
+    assert_eq!(catalog_versions(&shop), ["2.0.0", "2.0.0", "2.0.0"]);
+}
+
 /// A real Prometheus server (Debian package `prometheus`, installed by the
 /// test command) scrapes the router's admin /metrics every second.
 struct Prometheus {

@@ -80,6 +80,9 @@ pub struct HostTarget {
     /// One change at a time on this target (the engine applies serially;
     /// this guards against a concurrent status probe racing a stop).
     pub(crate) lock: Mutex<()>,
+    /// Replicas taken out of the routes before they are stopped, so no new
+    /// request reaches one that is shutting down.
+    draining: std::sync::Mutex<std::collections::BTreeSet<String>>,
     http: reqwest::Client,
 }
 
@@ -107,6 +110,7 @@ impl HostTarget {
             cfg,
             sup,
             lock: Mutex::new(()),
+            draining: Default::default(),
             http,
         })
     }
@@ -554,14 +558,30 @@ impl HostTarget {
                 self.sync_routes().await?;
                 return Err(e);
             }
-            self.sync_routes().await?;
-            for i in old.by_ref().take(chunk.len()) {
-                self.sup.stop(i).await;
-            }
-            self.sync_routes().await?;
+            let leaving: Vec<&Instance> = old.by_ref().take(chunk.len()).copied().collect();
+            self.drain(&leaving).await?;
             info!(target = %self.cfg.name, resource = %r.id.name, batch = n + 1, replaced = chunk.len(), "rolling batch ready");
         }
         Ok(())
+    }
+
+    /// Takes `instances` out of every route, then stops them: requests in
+    /// flight finish (graceful stop), new ones go elsewhere.
+    pub(crate) async fn drain(&self, instances: &[&Instance]) -> Result<(), TargetError> {
+        let keys: Vec<String> = instances.iter().map(|i| i.spec.key.clone()).collect();
+        self.draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keys.iter().cloned());
+        let routed = self.sync_routes().await;
+        for i in instances {
+            self.sup.stop(i).await;
+        }
+        let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        for k in &keys {
+            draining.remove(k);
+        }
+        routed
     }
 
     fn splits_path(&self) -> PathBuf {
@@ -714,7 +734,17 @@ impl HostTarget {
         if routes.is_empty() {
             return Ok(());
         }
-        let instances = self.sup.list();
+        let draining = self
+            .draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let instances: Vec<Instance> = self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|i| !draining.contains(&i.spec.key))
+            .collect();
         let splits = self.splits();
         let mut cfg = RouterConfig::default();
         for (name, spec) in routes {

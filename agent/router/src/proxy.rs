@@ -427,8 +427,34 @@ async fn proxy(
         req.headers_mut()
             .append(HeaderName::from_static("x-forwarded-for"), v);
     }
+    // Idempotent bodyless requests are retried once on another backend
+    // when the first never answered (a replica that just stopped), as
+    // nginx's proxy_next_upstream does; the failed attempt still counts
+    // against its version.
+    let retry = matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD)
+        .then(|| (req.method().clone(), req.headers().clone()));
     let req = req.map(|b| b.boxed());
-    let result = tokio::time::timeout(state.upstream_timeout, state.client.request(req)).await;
+    let mut result = tokio::time::timeout(state.upstream_timeout, state.client.request(req)).await;
+    let mut backend = backend;
+    if let (Ok(Err(e)), Some((method, headers))) = (&result, retry) {
+        let other = (0..table.backends.len())
+            .filter_map(|_| table.pick())
+            .find(|b| b.id != backend.id)
+            .cloned();
+        if let Some(other) = other {
+            warn!(route = %route, backend = %backend.id, error = %e, retry = %other.id, "upstream failed; retrying on another backend");
+            record(&state, &route, &backend.version, true, started.elapsed());
+            let mut again = Request::new(full(Bytes::new()));
+            *again.method_mut() = method;
+            *again.headers_mut() = headers;
+            if let Ok(uri) = format!("http://{}{}", other.addr, path).parse() {
+                *again.uri_mut() = uri;
+                backend = other;
+                result =
+                    tokio::time::timeout(state.upstream_timeout, state.client.request(again)).await;
+            }
+        }
+    }
     let (resp, error) = match result {
         Ok(Ok(resp)) => {
             let error = resp.status().is_server_error();
@@ -453,22 +479,25 @@ async fn proxy(
         resp.headers_mut()
             .insert(HeaderName::from_static("x-sluice-backend"), v);
     }
-    {
-        let mut stats = state.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let v = stats
-            .routes
-            .entry(route)
-            .or_default()
-            .versions
-            .entry(backend.version.clone())
-            .or_default();
-        v.requests += 1;
-        if error {
-            v.errors += 1;
-        }
-        v.latency.observe(started.elapsed().as_secs_f64());
-    }
+    record(&state, &route, &backend.version, error, started.elapsed());
     Ok(resp)
+}
+
+/// Counts one request against `version` of `route`.
+fn record(state: &State, route: &str, version: &str, error: bool, took: Duration) {
+    let mut stats = state.stats.lock().unwrap_or_else(|e| e.into_inner());
+    let v = stats
+        .routes
+        .entry(route.to_string())
+        .or_default()
+        .versions
+        .entry(version.to_string())
+        .or_default();
+    v.requests += 1;
+    if error {
+        v.errors += 1;
+    }
+    v.latency.observe(took.as_secs_f64());
 }
 
 fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
