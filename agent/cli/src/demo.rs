@@ -57,6 +57,100 @@ pub struct DemoArgs {
     pub flags_file: Option<PathBuf>,
 }
 
+/// `sluice load`: steady demo traffic through a route, so a canary has
+/// something to be judged on; prints what each version served per second.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoadArgs {
+    /// The URL to request, e.g. http://127.0.0.1:8080/.
+    #[arg(long, default_value = "http://127.0.0.1:8080/")]
+    pub url: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 50)]
+    pub rps: u32,
+    /// Stop after this many seconds (default: until interrupted).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+}
+
+/// Sends `rps` requests a second and prints, per second, the answers by
+/// version and status: the view a user watches while a canary runs.
+pub async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    if args.rps == 0 || args.rps > 10_000 {
+        anyhow::bail!("--rps must be between 1 and 10000");
+    }
+    let url: reqwest::Url = args
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--url {:?}: {e}", args.url))?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, u16, Duration)>();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rps as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    report.tick().await;
+    let mut second: BTreeMap<(String, u16), u64> = BTreeMap::new();
+    let mut latencies: Vec<Duration> = Vec::new();
+    let stop = crate::run::shutdown_signal();
+    tokio::pin!(stop);
+    eprintln!("sending {} requests/s to {url}; Ctrl-C stops", args.rps);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                let (client, url, tx) = (client.clone(), url.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let (version, code) = match client.get(url).send().await {
+                        Ok(r) => {
+                            let code = r.status().as_u16();
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            (v["version"].as_str().unwrap_or("?").to_string(), code)
+                        }
+                        Err(_) => ("-".to_string(), 0),
+                    };
+                    let _ = tx.send((version, code, t.elapsed()));
+                });
+            }
+            Some((version, code, took)) = rx.recv() => {
+                *second.entry((version, code)).or_default() += 1;
+                latencies.push(took);
+            }
+            _ = report.tick() => {
+                latencies.sort();
+                let p99 = latencies
+                    .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                let parts: Vec<String> = second
+                    .iter()
+                    .map(|((v, c), n)| match c {
+                        0 => format!("{n} failed to connect"),
+                        200 => format!("{v}: {n}"),
+                        c => format!("{v}: {n} x {c}"),
+                    })
+                    .collect();
+                println!(
+                    "{:>4}s  {:>4} answers  p99 {:>4} ms  {}",
+                    started.elapsed().as_secs(),
+                    latencies.len(),
+                    p99,
+                    parts.join(", ")
+                );
+                second.clear();
+                latencies.clear();
+                if args.seconds.is_some_and(|s| started.elapsed().as_secs() >= s) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 struct App {
     args: DemoArgs,
     started: Instant,

@@ -241,6 +241,9 @@ enum Command {
     /// The demo HTTP service used by the examples (version, latency, errors,
     /// readiness and crashes set by flags).
     Demo(demo::DemoArgs),
+    /// Demo traffic: steady requests through a route, answers per version
+    /// printed every second (watch a canary get judged).
+    Load(demo::LoadArgs),
     /// Internal: the traffic router, a long-lived process of its own.
     #[command(hide = true)]
     Router {
@@ -283,6 +286,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
         Command::Demo(args) => demo_runtime(args),
+        Command::Load(args) => load_runtime(args),
         Command::Router {
             admin,
             addr_file,
@@ -359,6 +363,27 @@ where
         Err(e) => {
             eprintln!("error: {}", output::chain(&e));
             exit_for(&e)
+        }
+    }
+}
+
+fn load_runtime(args: demo::LoadArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(demo::load(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
