@@ -212,15 +212,14 @@ impl Engine {
     /// Publishes the traffic status for `sluice status`.
     fn show(&self, wave: usize, status: &TrafficStatus, what: &str) -> Result<(), EngineError> {
         let step = format!(
-            "{:?} {}: {}% to {} (step {}/{}), {what}",
-            status.strategy,
+            "{} {}: {}% to {} (step {}/{}), {what}",
+            format!("{:?}", status.strategy).to_lowercase(),
             status.resource,
             status.weight,
             status.canary,
             status.step,
             status.steps.len()
-        )
-        .to_lowercase();
+        );
         self.progress(wave, &step)?;
         self.mark(|s| {
             if let Some(p) = &mut s.in_progress {
