@@ -285,8 +285,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
-        Command::Demo(args) => demo_runtime(args),
-        Command::Load(args) => load_runtime(args),
+        Command::Demo(args) => plain_runtime(demo::main(args), 1),
+        Command::Load(args) => plain_runtime(demo::load(args), 2),
         Command::Router {
             admin,
             addr_file,
@@ -367,7 +367,13 @@ where
     }
 }
 
-fn load_runtime(args: demo::LoadArgs) -> ExitCode {
+/// Runs the demo tools (the demo service, the load generator) on a small
+/// runtime of their own; they log nothing through tracing. An error exits
+/// with `error_code`.
+fn plain_runtime(
+    fut: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+    error_code: u8,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -379,33 +385,11 @@ fn load_runtime(args: demo::LoadArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(demo::load(args)) {
+    match rt.block_on(fut) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-/// The demo logs nothing through tracing: it is a plain service.
-fn demo_runtime(args: demo::DemoArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(demo::main(args)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(error_code)
         }
     }
 }
