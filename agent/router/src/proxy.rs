@@ -761,6 +761,79 @@ mod tests {
         assert!(Table::new(vec![backend("x", 0)]).pick().is_none());
     }
 
+    /// A replica that stopped (its port refuses connections) costs the
+    /// client nothing on a GET: the router retries on another backend, and
+    /// counts the failed attempt against the stopped replica's version.
+    #[tokio::test]
+    async fn a_get_to_a_stopped_backend_is_retried_on_another() {
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = live.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(full("ok\n")))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        // A port nothing listens on.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        tokio::spawn(serve(
+            admin,
+            dir.path().join("r.json"),
+            std::future::pending(),
+        ));
+        let client = AdminClient::new(admin_addr);
+        let mk = |id: &str, addr| Backend {
+            id: id.into(),
+            version: id.into(),
+            addr,
+            weight: 1,
+        };
+        let cfg = RouterConfig {
+            routes: [(
+                "r".to_string(),
+                RouteConfig {
+                    listen,
+                    backends: vec![mk("dead", dead_addr), mk("live", live_addr)],
+                },
+            )]
+            .into(),
+        };
+        client.put(&cfg).await.unwrap();
+        let http: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        for _ in 0..10 {
+            let resp = http
+                .get(format!("http://{listen}/").parse().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        let stats = client.stats().await.unwrap();
+        let r = &stats.routes["r"].versions;
+        assert_eq!(r["live"].requests, 10);
+        assert_eq!(r["live"].errors, 0);
+        assert_eq!(r["dead"].errors, r["dead"].requests);
+        assert!(r["dead"].requests >= 4, "{:?}", r["dead"]);
+    }
+
     #[test]
     fn histogram_quantiles() {
         let mut h = Histogram::default();
