@@ -427,13 +427,7 @@ async fn plan(
         output::report(common.output, &report);
         return Ok(ExitCode::SUCCESS);
     }
-    let revision = match rev {
-        Some(r) => {
-            engine.source.poll().await.ok();
-            engine.source.resolve(&r).await.map_err(EngineError::from)?
-        }
-        None => engine.source.poll().await.map_err(EngineError::from)?,
-    };
+    let revision = revision(&engine, rev.as_deref()).await?;
     let prepared = engine.prepare(&revision).await?;
     output::plan(common.output, &prepared.plan);
     if common.output != Format::Json {
@@ -442,15 +436,24 @@ async fn plan(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn policy_test(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
-    let engine = setup::engine(&common)?;
-    let revision = match rev {
+/// The commit `--rev` names (after a poll, so new branches and tags are
+/// known), or the watched branch's head.
+async fn revision(
+    engine: &sluice_core::engine::Engine,
+    rev: Option<&str>,
+) -> Result<sluice_core::source::Revision, EngineError> {
+    match rev {
         Some(r) => {
             engine.source.poll().await.ok();
-            engine.source.resolve(&r).await.map_err(EngineError::from)?
+            Ok(engine.source.resolve(r).await?)
         }
-        None => engine.source.poll().await.map_err(EngineError::from)?,
-    };
+        None => Ok(engine.source.poll().await?),
+    }
+}
+
+async fn policy_test(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let revision = revision(&engine, rev.as_deref()).await?;
     let prepared = engine.prepare(&revision).await?;
     output::policy_test(common.output, &prepared);
     Ok(if prepared.policy.is_denied() {
@@ -568,13 +571,7 @@ async fn report(common: Common, pr: u64, base: String, head: String) -> anyhow::
 
 async fn flags(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
     let engine = setup::engine(&common)?;
-    let revision = match rev {
-        Some(r) => {
-            engine.source.poll().await.ok();
-            engine.source.resolve(&r).await.map_err(EngineError::from)?
-        }
-        None => engine.source.poll().await.map_err(EngineError::from)?,
-    };
+    let revision = revision(&engine, rev.as_deref()).await?;
     let commit = revision.commit.to_string();
     let snapshot = engine
         .source

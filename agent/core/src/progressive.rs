@@ -211,6 +211,18 @@ impl Engine {
 
     /// Publishes the traffic status for `sluice status`.
     fn show(&self, wave: usize, status: &TrafficStatus, what: &str) -> Result<(), EngineError> {
+        self.publish(wave, status, what, None)
+    }
+
+    /// One state write: the step line, the traffic status and, if given, a
+    /// new verdict for the rollout's record.
+    fn publish(
+        &self,
+        wave: usize,
+        status: &TrafficStatus,
+        what: &str,
+        verdict: Option<IntervalVerdict>,
+    ) -> Result<(), EngineError> {
         let step = format!(
             "{} {}: {}% to {} (step {}/{}), {what}",
             format!("{:?}", status.strategy).to_lowercase(),
@@ -220,10 +232,14 @@ impl Engine {
             status.step,
             status.steps.len()
         );
-        self.progress(wave, &step)?;
+        let now = self.clock.now();
         self.mark(|s| {
             if let Some(p) = &mut s.in_progress {
+                p.wave = wave;
+                p.step = step;
+                p.step_started = now;
                 p.traffic = Some(status.clone());
+                p.analysis.extend(verdict);
             }
         })
     }
@@ -243,26 +259,32 @@ impl Engine {
     ) -> Result<(), StepFailure> {
         let criteria = &rollout.analysis;
         let poll = (window / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        let (b0, c0) = metrics.counters(split).await.unwrap_or_default();
-        // Blue-green sends the baseline nothing once switched: it is judged
-        // by everything it served before (cumulative); a canary step by what
-        // both served during the step, side by side.
-        let baseline_of = |b: &Counters| match strategy {
-            Strategy::Bluegreen => b0.since(&Counters::default()),
-            _ => b.since(&b0),
-        };
+        // The step's first reading; taken when the metrics source first
+        // answers, so an outage at the start never counts older traffic.
+        let mut start: Option<(Counters, Counters)> = metrics.counters(split).await.ok();
         let started = self.clock.now();
         let mut next_record = window;
         loop {
             self.clock.sleep(poll).await;
             let elapsed = (self.clock.now() - started).to_std().unwrap_or_default();
-            let judgement = match metrics.counters(split).await {
-                Ok((b, c)) => {
-                    let (bs, cs) = (baseline_of(&b), c.since(&c0));
+            let judgement = match (metrics.counters(split).await, &start) {
+                (Ok((b, c)), Some((b0, c0))) => {
+                    // Blue-green sends the baseline nothing once switched:
+                    // it is judged by everything it served before; a canary
+                    // step by what both served during the step.
+                    let bs = match strategy {
+                        Strategy::Bluegreen => b0.since(&Counters::default()),
+                        _ => b.since(b0),
+                    };
+                    let cs = c.since(c0);
                     let j = analysis::judge(criteria, &bs, &cs);
                     Some((j, bs, cs))
                 }
-                Err(e) => {
+                (Ok(first), None) => {
+                    start = Some(first);
+                    None
+                }
+                (Err(e), _) => {
                     warn!(error = %e, "reading metrics failed");
                     None
                 }
@@ -350,11 +372,8 @@ impl Engine {
         };
         info!(resource = %v.resource, step = v.step, weight = v.weight, verdict = ?v.judgement, baseline_requests = v.baseline.requests, canary_requests = v.canary.requests, "analysis verdict");
         status.verdicts.push(v.clone());
-        let _ = self.show(wave, status, "measuring");
-        let _ = self.mark(|s| {
-            if let Some(p) = &mut s.in_progress {
-                p.analysis.push(v);
-            }
-        });
+        if let Err(e) = self.publish(wave, status, "measuring", Some(v)) {
+            warn!(error = %e, "recording the verdict in the state store failed");
+        }
     }
 }

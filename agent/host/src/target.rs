@@ -395,6 +395,7 @@ impl HostTarget {
             .filter(|i| !wanted_keys.contains(&i.spec.key.as_str()))
             .collect();
         if wanted_keys.iter().all(|k| up.contains(k)) && old.is_empty() {
+            self.clear_split(&r.id.name)?;
             self.record(r)?;
             return Ok(());
         }
@@ -808,6 +809,7 @@ impl HostTarget {
         &self,
         id: &ResourceId,
         records: &BTreeMap<String, Value>,
+        splits: &BTreeMap<String, SplitRecord>,
         instances: &[Instance],
         routes: &Option<RouterConfig>,
     ) -> Option<LiveResource> {
@@ -833,7 +835,7 @@ impl HostTarget {
                 // Replicas of another release (left by a crash mid-rollout)
                 // are a difference the plan must show and the apply remove.
                 // A release being rolled out beside it (a split) is not stray.
-                let splitting = self.splits().get(&id.name).map(|s| s.canary_digest.clone());
+                let splitting = splits.get(&id.name).map(|s| s.canary_digest.clone());
                 let stray: Vec<&str> = mine
                     .iter()
                     .filter(|i| !current.iter().any(|c| c.spec.key == i.spec.key))
@@ -973,6 +975,7 @@ impl Target for HostTarget {
         ids: &[ResourceId],
     ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
         let records = self.records();
+        let splits = self.splits();
         let instances = self.sup.list();
         let routes = if ids.iter().any(|i| i.kind == "Route") {
             match self.router_client() {
@@ -987,7 +990,10 @@ impl Target for HostTarget {
             if id.target != self.cfg.name {
                 continue;
             }
-            if let Some(l) = self.observe_one(id, &records, &instances, &routes).await {
+            if let Some(l) = self
+                .observe_one(id, &records, &splits, &instances, &routes)
+                .await
+            {
                 out.insert(id.clone(), l);
             }
         }
