@@ -788,6 +788,7 @@ impl Engine {
                                 id,
                                 body: serde_json::Value::Null,
                                 health: Health::Unknown,
+                                managed: None,
                                 message: Some(e.to_string()),
                             },
                         );
@@ -1101,6 +1102,7 @@ impl Engine {
                     id: id.clone(),
                     body: r.body.clone(),
                     health: Health::Healthy,
+                    managed: None,
                     message: None,
                 };
                 (id.clone(), l)
@@ -1482,6 +1484,7 @@ mod tests {
                             id: id.clone(),
                             body,
                             health,
+                            managed: None,
                             message: None,
                         },
                     ))

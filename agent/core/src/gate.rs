@@ -129,6 +129,7 @@ mod tests {
                 id,
                 body: serde_json::Value::Null,
                 health,
+                managed: None,
                 message: None,
             },
         )]

@@ -13,6 +13,8 @@ pub mod diff;
 pub mod engine;
 pub mod flags;
 pub mod gate;
+pub mod kustomize;
+pub mod managed;
 pub mod model;
 pub mod plan;
 pub mod policy;

@@ -167,7 +167,14 @@ pub fn plan(
                 fields: Vec::new(),
             },
             Some(have) => {
-                let fields = diff(&have.body, &want.body, &want.redact);
+                let fields = match &have.managed {
+                    Some(managed) => diff(
+                        &crate::managed::project(&have.body, &want.body, managed),
+                        &crate::managed::normalise_desired(&want.body),
+                        &want.redact,
+                    ),
+                    None => diff(&have.body, &want.body, &want.redact),
+                };
                 // A resource whose body matches but which is gone or broken
                 // is re-applied too: the apply is idempotent.
                 let broken = matches!(have.health, Health::Missing);
@@ -505,6 +512,7 @@ mod tests {
                         id,
                         body: json!({"spec": {"v": v}}),
                         health: Health::Healthy,
+                        managed: None,
                         message: None,
                     },
                 )

@@ -1,6 +1,8 @@
 //! The render stage: one commit's files → typed desired resources.
 //!
-//! Pure: reads only the [`Snapshot`] it is given. Every error names the
+//! Pure: reads only the [`Snapshot`] it is given (a kustomize folder is
+//! built by the real kustomize from a private copy of the snapshot, see
+//! [`crate::kustomize`]). Every error names the
 //! file, the field and, where it can, the line; no value from a manifest is
 //! echoed in an error (it could be a secret).
 //!
@@ -452,19 +454,28 @@ fn render_service(
         .collect();
     let strategy = service.rollout.strategy;
     let mut out = Vec::new();
-    let files: Vec<String> = snapshot
-        .list(&root)
-        .filter(|(p, _)| p.ends_with(".yaml") || p.ends_with(".yml"))
-        .map(|(p, _)| p.clone())
-        .collect();
-    for file in &files {
-        let bytes = snapshot
-            .read(&root, file)
-            .map_err(|source| RenderError::Path {
-                file: file.clone(),
-                source,
-            })?;
-        let text = utf8(file, bytes)?;
+    let mut sources: Vec<(String, String)> = Vec::new();
+    if let Some(k) = crate::kustomize::kustomization_file(snapshot, &root) {
+        sources.push((k.clone(), crate::kustomize::build(snapshot, &root, &k)?));
+    } else {
+        let files: Vec<String> = snapshot
+            .list(&root)
+            .filter(|(p, _)| p.ends_with(".yaml") || p.ends_with(".yml"))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for file in files {
+            let bytes = snapshot
+                .read(&root, &file)
+                .map_err(|source| RenderError::Path {
+                    file: file.clone(),
+                    source,
+                })?;
+            let text = utf8(&file, bytes)?.to_string();
+            sources.push((file, text));
+        }
+    }
+    for (file, text) in &sources {
+        let text = text.as_str();
         for (doc, offset) in split_documents(file, text)? {
             let value: serde_yaml::Value =
                 serde_yaml::from_str(doc).map_err(|e| yaml_error(file, offset, None, &e))?;
@@ -1103,6 +1114,60 @@ mod tests {
 
     fn err(files: &[(&str, &str)]) -> String {
         render(&snapshot(files)).unwrap_err().to_string()
+    }
+
+    const KTOPO: &str = "apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  shop:\n    path: apps/shop\n";
+
+    /// Runs the real kustomize (`kubectl kustomize`), which the suite
+    /// installs; a base outside the service folder is allowed, as in
+    /// kustomize.
+    #[test]
+    fn kustomize_folders_are_built_by_kustomize() {
+        let r = render(&snapshot(&[
+            (TOPOLOGY_FILE, KTOPO),
+            ("base/kustomization.yaml", "resources: [deploy.yaml]\n"),
+            (
+                "base/deploy.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  template:\n    spec:\n      containers:\n      - name: web\n        image: web:1\n",
+            ),
+            (
+                "apps/shop/kustomization.yaml",
+                "namespace: shop\nresources: [../../base]\nimages:\n- name: web\n  newTag: \"2\"\nconfigMapGenerator:\n- name: web-config\n  literals: [mode=fast]\n",
+            ),
+            // Not listed in the kustomization: not rendered.
+            ("apps/shop/stray.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n"),
+        ]))
+        .unwrap();
+        let ids: Vec<String> = r
+            .desired
+            .resources
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(
+            ids[0].starts_with("cluster/ConfigMap/shop/web-config-"),
+            "{ids:?}"
+        );
+        assert_eq!(ids[1], "cluster/apps/Deployment/shop/web");
+        let web = r.desired.resources.values().nth(1).unwrap();
+        assert_eq!(
+            web.body["spec"]["template"]["spec"]["containers"][0]["image"],
+            "web:2"
+        );
+        assert_eq!(web.file, "apps/shop/kustomization.yaml");
+        let e = err(&[
+            (TOPOLOGY_FILE, KTOPO),
+            (
+                "apps/shop/kustomization.yaml",
+                "resources: [missing.yaml]\n",
+            ),
+        ]);
+        assert!(
+            e.starts_with("apps/shop/kustomization.yaml: kustomize failed:"),
+            "{e}"
+        );
+        assert!(e.contains("missing.yaml") && !e.contains("/tmp/"), "{e}");
     }
 
     #[test]

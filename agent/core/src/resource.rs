@@ -162,6 +162,11 @@ pub struct LiveResource {
     /// can't be observed).
     pub body: Value,
     pub health: Health,
+    /// Kubernetes: the fields sluice's field manager owns (FieldsV1), so
+    /// that the plan compares only what sluice manages
+    /// ([`crate::managed::project`]). None: `body` compares whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<Value>,
     /// Why it has that health, for people ("2/3 replicas ready").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
