@@ -74,6 +74,19 @@ pub struct Common {
     /// Default: the router's own counters.
     #[arg(long, env = "SLUICE_PROMETHEUS_URL")]
     pub prometheus_url: Option<String>,
+    /// Kubeconfig for kubernetes targets (default: $KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster service account).
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context of a kubernetes target, as TARGET=CONTEXT
+    /// (repeatable, or comma-separated). Default: the context named like
+    /// the target if there is one, else the current context.
+    #[arg(
+        long = "kube-context",
+        env = "SLUICE_KUBE_CONTEXT",
+        value_delimiter = ','
+    )]
+    pub kube_contexts: Vec<String>,
     #[command(flatten)]
     pub forge: ForgeArgs,
 }
@@ -156,6 +169,8 @@ enum Command {
         webhooks: run::Webhooks,
         #[command(flatten)]
         drift: run::DriftSchedule,
+        #[command(flatten)]
+        election: run::Election,
     },
     /// Show what a commit would change in the live system; changes nothing.
     Plan {
@@ -299,7 +314,18 @@ fn main() -> ExitCode {
             listen,
             webhooks,
             drift,
-        } => runtime(|| run::agent(common, interval, backoff_max, listen, webhooks, drift)),
+            election,
+        } => runtime(|| {
+            run::agent(
+                common,
+                interval,
+                backoff_max,
+                listen,
+                webhooks,
+                drift,
+                election,
+            )
+        }),
         Command::Plan {
             common,
             rev,

@@ -129,6 +129,68 @@ fn secret(file: &Option<PathBuf>, env: &str) -> Result<Option<Vec<u8>>, setup::C
         .map(String::into_bytes))
 }
 
+/// Leader election among agent replicas (in-cluster installs).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Election {
+    /// Apply only while holding a coordination.k8s.io Lease, so that of
+    /// several replicas exactly one applies at a time.
+    #[arg(long, env = "SLUICE_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else sluice-system).
+    #[arg(long, env = "SLUICE_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-leader")]
+    pub lease_name: String,
+    /// How long a Lease stays valid without renewal; a follower takes over
+    /// after it expires.
+    #[arg(long, default_value = "15s", value_parser = crate::parse_duration)]
+    pub lease_duration: Duration,
+}
+
+impl Election {
+    /// Connects and waits for the Lease; None when not electing.
+    async fn lead(
+        &self,
+        common: &Common,
+    ) -> Result<Option<Arc<sluice_kube::Lease>>, setup::ConfigError> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let cluster = sluice_kube::Cluster::connect(common.kubeconfig.as_deref(), None)
+            .await
+            .map_err(|e| setup::ConfigError(format!("--leader-elect: {e}")))?;
+        let namespace = self
+            .lease_namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| "sluice-system".into());
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "sluice".into());
+                format!("{host}-{}", std::process::id())
+            });
+        let lease = Arc::new(sluice_kube::Lease::new(
+            Arc::new(cluster),
+            &namespace,
+            &self.lease_name,
+            &identity,
+            self.lease_duration,
+        ));
+        info!(lease = %self.lease_name, namespace = %namespace, identity = %identity, "waiting for the leader lease");
+        lease.acquire().await;
+        info!(identity = %identity, "leading: this replica applies");
+        Ok(Some(lease))
+    }
+}
+
 pub async fn agent(
     common: Common,
     interval: Duration,
@@ -136,6 +198,7 @@ pub async fn agent(
     listen: SocketAddr,
     hooks: Webhooks,
     drift: DriftSchedule,
+    election: Election,
 ) -> anyhow::Result<ExitCode> {
     let schedule = match &drift.drift_schedule {
         Some(expr) => Some(
@@ -179,14 +242,41 @@ pub async fn agent(
         initial: Duration::from_millis(100),
         max: backoff_max,
     };
+    // A follower serves probes and metrics but applies nothing until it
+    // leads.
+    let leader = tokio::select! {
+        lead = election.lead(&common) => lead?,
+        _ = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let drift_task = tokio::spawn(drift_loop(shared.clone(), drift, schedule, stop_rx.clone()));
     let loop_task = tokio::spawn(reconcile_loop(shared.clone(), interval, backoff, stop_rx));
-    shutdown_signal().await;
+    let lost = async {
+        match &leader {
+            Some(lease) => lease.keep().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = lost => {
+            // Another replica may take over from now on: stop at once,
+            // mid-rollout or not; the next leader finishes or reverts it.
+            tracing::error!("lost the leader lease; exiting so that two replicas never apply at once");
+            std::process::exit(1);
+        }
+    }
     info!("shutting down; supervised processes keep running");
     let _ = stop_tx.send(true);
     let _ = loop_task.await;
     let _ = drift_task.await;
     let _ = server.await;
+    if let Some(lease) = leader {
+        lease.release().await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

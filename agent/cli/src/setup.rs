@@ -76,14 +76,33 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
     .map_err(|e| ConfigError(format!("--repo: {e}")))?;
     let exe = std::env::current_exe()
         .map_err(|e| ConfigError(format!("locating the sluice binary: {e}")))?;
-    let provider = HostProvider {
-        state_dir: dir.join("host"),
-        file_root: common
-            .file_root
-            .clone()
-            .unwrap_or_else(|| dir.join("files")),
-        exe,
-        built: Mutex::new(BTreeMap::new()),
+    let mut contexts = BTreeMap::new();
+    for pair in &common.kube_contexts {
+        let (target, context) = pair
+            .split_once('=')
+            .filter(|(t, c)| !t.is_empty() && !c.is_empty())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "--kube-context {pair:?}: expected TARGET=CONTEXT, e.g. prod=gke-prod"
+                ))
+            })?;
+        contexts.insert(target.to_string(), context.to_string());
+    }
+    let provider = Provider {
+        host: HostProvider {
+            state_dir: dir.join("host"),
+            file_root: common
+                .file_root
+                .clone()
+                .unwrap_or_else(|| dir.join("files")),
+            exe,
+            built: Mutex::new(BTreeMap::new()),
+        },
+        kube: KubeProvider {
+            kubeconfig: common.kubeconfig.clone(),
+            contexts,
+            built: Mutex::new(BTreeMap::new()),
+        },
     };
     Ok(Engine {
         source: Arc::new(source),
@@ -206,5 +225,84 @@ impl TargetProvider for HostProvider {
 
     fn supports(&self, kind: TargetKind) -> bool {
         kind == TargetKind::Host
+    }
+}
+
+/// Every target kind this agent drives.
+struct Provider {
+    host: HostProvider,
+    kube: KubeProvider,
+}
+
+impl TargetProvider for Provider {
+    fn target(&self, def: &TargetDef) -> Result<Arc<dyn Target>, TargetError> {
+        match def.kind {
+            TargetKind::Host => self.host.target(def),
+            TargetKind::Kubernetes => self.kube.target(def),
+        }
+    }
+
+    fn supports(&self, kind: TargetKind) -> bool {
+        self.host.supports(kind) || kind == TargetKind::Kubernetes
+    }
+}
+
+/// Connects to each Kubernetes target's cluster once, on first use.
+struct KubeProvider {
+    kubeconfig: Option<PathBuf>,
+    /// target → kubeconfig context (`--kube-context`).
+    contexts: BTreeMap<String, String>,
+    built: Mutex<BTreeMap<String, Arc<dyn Target>>>,
+}
+
+impl KubeProvider {
+    /// The context for `target`: as mapped, else one named like the
+    /// target if the kubeconfig has it, else the current one (or the
+    /// in-cluster service account).
+    fn context(&self, target: &str) -> Option<String> {
+        if let Some(c) = self.contexts.get(target) {
+            return Some(c.clone());
+        }
+        let path = self.kubeconfig.clone().or_else(|| {
+            std::env::var_os("KUBECONFIG")
+                .and_then(|v| std::env::split_paths(&v).next())
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
+        })?;
+        let kc = kube::config::Kubeconfig::read_from(path).ok()?;
+        kc.contexts
+            .iter()
+            .any(|c| c.name == target)
+            .then(|| target.to_string())
+    }
+}
+
+impl TargetProvider for KubeProvider {
+    fn target(&self, def: &TargetDef) -> Result<Arc<dyn Target>, TargetError> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = built.get(&def.name) {
+            return Ok(t.clone());
+        }
+        let context = self.context(&def.name);
+        let connect = sluice_kube::Cluster::connect(self.kubeconfig.as_deref(), context.as_deref());
+        // Loading a kubeconfig may run credential plugins: async, while
+        // providers are called from sync code on the multi-thread runtime.
+        let cluster =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(connect))
+                .map_err(|e| TargetError::Unavailable {
+                    target: def.name.clone(),
+                    reason: format!(
+                        "connecting (context {}): {e}",
+                        context.as_deref().unwrap_or("current")
+                    ),
+                })?;
+        tracing::info!(target = %def.name, server = %cluster.server, context = context.as_deref().unwrap_or("current"), "kubernetes target");
+        let target: Arc<dyn Target> =
+            Arc::new(sluice_kube::KubeTarget::new(&def.name, Arc::new(cluster)));
+        built.insert(def.name.clone(), target.clone());
+        Ok(target)
+    }
+
+    fn supports(&self, kind: TargetKind) -> bool {
+        kind == TargetKind::Kubernetes
     }
 }

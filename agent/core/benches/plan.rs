@@ -89,6 +89,7 @@ fn main() {
                     id: id.clone(),
                     body: r.body.clone(),
                     health: Health::Healthy,
+                    managed: None,
                     message: None,
                 },
             )

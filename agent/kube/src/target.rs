@@ -1,0 +1,396 @@
+//! The `kubernetes` target: desired objects applied with server-side apply,
+//! live objects observed with their health, and pruning limited to what
+//! sluice created.
+//!
+//! # Inventory
+//! Every object sluice applies carries the label
+//! `app.kubernetes.io/managed-by: sluice`, the label `sluice.dev/target`
+//! (the target's name) and the annotation `sluice.dev/service`; the state
+//! store records the same inventory per target. A prune deletes an object
+//! only if both say sluice created it, so an object someone else made (or
+//! re-made) under the same name is left alone. A failed delete stays in the
+//! inventory and is retried by the next reconcile.
+//!
+//! Namespaces, CustomResourceDefinitions and PersistentVolumeClaims hold
+//! data that a delete destroys for good: they are pruned only when the
+//! object carries `sluice.dev/prune: "true"`. Any object annotated
+//! `sluice.dev/prune: "false"` is never pruned (it is released from the
+//! inventory and left running).
+//!
+//! # Conflicts
+//! A field another manager owns (`kubectl scale`, an HPA) is not taken
+//! over unless the object is annotated `sluice.dev/force-conflicts:
+//! "true"`: the apply fails naming the field and the manager, and the wave
+//! reverts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use sluice_core::model::TargetKind;
+use sluice_core::resource::{DesiredResource, Health, LiveResource, ResourceId};
+use sluice_core::target::{Target, TargetError};
+use tracing::{info, warn};
+
+use crate::client::{Cluster, Kind, KubeError, FIELD_MANAGER};
+use crate::health::health;
+
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const TARGET_LABEL: &str = "sluice.dev/target";
+pub const SERVICE_ANNOTATION: &str = "sluice.dev/service";
+pub const PRUNE_ANNOTATION: &str = "sluice.dev/prune";
+pub const FORCE_ANNOTATION: &str = "sluice.dev/force-conflicts";
+
+/// Kinds whose delete destroys data: pruned only on explicit opt-in.
+const PROTECTED: [&str; 3] = [
+    "Namespace",
+    "apiextensions.k8s.io/CustomResourceDefinition",
+    "PersistentVolumeClaim",
+];
+
+pub struct KubeTarget {
+    name: String,
+    pub(crate) cluster: Arc<Cluster>,
+    traffic: crate::canary::HttpRouteTraffic,
+}
+
+impl KubeTarget {
+    pub fn new(name: &str, cluster: Arc<Cluster>) -> Self {
+        KubeTarget {
+            name: name.to_string(),
+            traffic: crate::canary::HttpRouteTraffic::new(name, cluster.clone()),
+            cluster,
+        }
+    }
+
+    fn unavailable(&self, e: impl std::fmt::Display) -> TargetError {
+        TargetError::Unavailable {
+            target: self.name.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The kind of `id`, or None if the cluster does not serve it.
+    async fn kind_of(&self, id: &ResourceId) -> Result<Option<Kind>, TargetError> {
+        self.cluster
+            .resolve_id(&id.kind)
+            .await
+            .map_err(|e| self.unavailable(format!("discovery of {}: {e}", id.kind)))
+    }
+}
+
+/// The live object as comparable with a manifest: no `status`, no
+/// server-written metadata, no inventory marks.
+pub fn comparable(obj: &Value) -> Value {
+    let mut o = obj.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("status");
+    }
+    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in [
+            "managedFields",
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "selfLink",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
+            meta.remove(k);
+        }
+        for (field, keys) in [
+            ("labels", &[MANAGED_BY, TARGET_LABEL][..]),
+            ("annotations", &[SERVICE_ANNOTATION][..]),
+        ] {
+            let empty = match meta.get_mut(field).and_then(Value::as_object_mut) {
+                Some(map) => {
+                    for k in keys {
+                        map.remove(*k);
+                    }
+                    map.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                meta.remove(field);
+            }
+        }
+    }
+    o
+}
+
+/// What sluice's field manager owns on `obj` (FieldsV1), `{}` if nothing.
+pub fn sluice_fields(obj: &Value) -> Value {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| {
+            e["manager"] == FIELD_MANAGER
+                && e["operation"] == "Apply"
+                && e.get("subresource").is_none()
+        })
+        .map(|e| e["fieldsV1"].clone())
+        .unwrap_or_else(|| json!({}))
+}
+
+/// The error for a refused apply, naming fields, managers and the way out.
+pub(crate) fn apply_error(id: &ResourceId, e: KubeError) -> TargetError {
+    match e {
+        KubeError::Api {
+            code: 409, causes, ..
+        } if !causes.is_empty() => TargetError::Apply {
+            id: id.to_string(),
+            reason: format!(
+                "server-side apply conflict: {}; another field manager owns these fields (annotate the object {FORCE_ANNOTATION}: \"true\" to take them over)",
+                causes
+                    .iter()
+                    .map(|(f, m)| format!("{f} ({m})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+        KubeError::Api {
+            code: 422,
+            causes,
+            message,
+            ..
+        } => TargetError::Invalid {
+            id: id.to_string(),
+            reason: if causes.is_empty() {
+                message
+            } else {
+                format!(
+                    "refused by the API server: {}",
+                    causes
+                        .iter()
+                        .map(|(f, m)| format!("{f}: {m}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            },
+        },
+        KubeError::Api { code, message, .. } if code == 400 || code == 404 || message.contains("not declared in schema") => {
+            TargetError::Invalid {
+                id: id.to_string(),
+                reason: format!("refused by the API server ({code}): {message}"),
+            }
+        }
+        other => TargetError::Apply {
+            id: id.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// `body` marked as sluice's, for `target` and `service`.
+pub(crate) fn with_inventory(body: &Value, target: &str, service: &str) -> Value {
+    let mut b = body.clone();
+    let meta = &mut b["metadata"];
+    meta["labels"][MANAGED_BY] = json!("sluice");
+    meta["labels"][TARGET_LABEL] = json!(target);
+    meta["annotations"][SERVICE_ANNOTATION] = json!(service);
+    b
+}
+
+impl KubeTarget {
+    /// Applies `body` (a whole manifest) as sluice.
+    pub(crate) async fn apply_body(
+        &self,
+        id: &ResourceId,
+        service: &str,
+        body: &Value,
+    ) -> Result<Value, TargetError> {
+        let api_version = body["apiVersion"].as_str().unwrap_or_default();
+        let kind_name = body["kind"].as_str().unwrap_or_default();
+        // A CRD applied a moment ago takes a little while to be served.
+        let mut kind = None;
+        for attempt in 0..20 {
+            kind = self
+                .cluster
+                .resolve(api_version, kind_name)
+                .await
+                .map_err(|e| {
+                    self.unavailable(format!("discovery of {api_version} {kind_name}: {e}"))
+                })?;
+            if kind.is_some() || attempt == 19 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        let kind = kind.ok_or_else(|| TargetError::Invalid {
+            id: id.to_string(),
+            reason: format!(
+                "the cluster does not serve kind {kind_name} in {api_version} (is its CustomResourceDefinition installed?)"
+            ),
+        })?;
+        let mut body = with_inventory(body, &self.name, service);
+        let namespace = if kind.namespaced {
+            let ns = id
+                .namespace
+                .clone()
+                .unwrap_or_else(|| self.cluster.default_namespace().to_string());
+            body["metadata"]["namespace"] = json!(ns);
+            Some(ns)
+        } else {
+            if let Some(m) = body["metadata"].as_object_mut() {
+                m.remove("namespace");
+            }
+            None
+        };
+        let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
+        self.cluster
+            .apply(&kind, namespace.as_deref(), &id.name, &body, force, false)
+            .await
+            .map_err(|e| apply_error(id, e))
+    }
+}
+
+#[async_trait::async_trait]
+impl Target for KubeTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> TargetKind {
+        TargetKind::Kubernetes
+    }
+
+    async fn observe(
+        &self,
+        ids: &[ResourceId],
+    ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
+        let mut out = BTreeMap::new();
+        for id in ids.iter().filter(|id| id.target == self.name) {
+            let Some(kind) = self.kind_of(id).await? else {
+                continue;
+            };
+            let ns = kind.namespaced.then(|| {
+                id.namespace
+                    .clone()
+                    .unwrap_or_else(|| self.cluster.default_namespace().to_string())
+            });
+            let obj = self
+                .cluster
+                .get(&kind, ns.as_deref(), &id.name)
+                .await
+                .map_err(|e| TargetError::Observe {
+                    target: self.name.clone(),
+                    reason: format!("{id}: {e}"),
+                })?;
+            let Some(obj) = obj else { continue };
+            let (health, message) = if obj["metadata"]["deletionTimestamp"].is_string() {
+                (Health::Progressing, "being deleted".to_string())
+            } else {
+                health(&obj)
+            };
+            out.insert(
+                id.clone(),
+                LiveResource {
+                    id: id.clone(),
+                    body: comparable(&obj),
+                    health,
+                    managed: Some(sluice_fields(&obj)),
+                    message: Some(message),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Dry-runs every apply: the API server validates each object (schema,
+    /// unknown fields, conflicts) before anything is changed. Objects whose
+    /// namespace or CRD the same commit creates are checked at apply time.
+    async fn prepare(&self, resources: &[&DesiredResource]) -> Result<(), TargetError> {
+        for r in resources {
+            let api_version = r.body["apiVersion"].as_str().unwrap_or_default();
+            let kind_name = r.body["kind"].as_str().unwrap_or_default();
+            let Some(kind) = self
+                .cluster
+                .resolve(api_version, kind_name)
+                .await
+                .map_err(|e| self.unavailable(e))?
+            else {
+                continue;
+            };
+            let mut body = with_inventory(&r.body, &self.name, &r.service);
+            let ns = kind.namespaced.then(|| {
+                r.id.namespace
+                    .clone()
+                    .unwrap_or_else(|| self.cluster.default_namespace().to_string())
+            });
+            if let Some(ns) = &ns {
+                body["metadata"]["namespace"] = json!(ns);
+            }
+            let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
+            match self
+                .cluster
+                .apply(&kind, ns.as_deref(), &r.id.name, &body, force, true)
+                .await
+            {
+                Ok(_) => {}
+                // The namespace comes with this commit.
+                Err(KubeError::Api { code: 404, .. }) => {}
+                Err(e) => {
+                    return Err(match apply_error(&r.id, e) {
+                        TargetError::Apply { id, reason } => TargetError::Prepare { id, reason },
+                        other => other,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, resource: &DesiredResource) -> Result<(), TargetError> {
+        self.apply_body(&resource.id, &resource.service, &resource.body)
+            .await?;
+        info!(target = %self.name, resource = %resource.id, "applied");
+        Ok(())
+    }
+
+    async fn delete(&self, id: &ResourceId) -> Result<(), TargetError> {
+        let Some(kind) = self.kind_of(id).await? else {
+            return Ok(());
+        };
+        let ns = kind.namespaced.then(|| {
+            id.namespace
+                .clone()
+                .unwrap_or_else(|| self.cluster.default_namespace().to_string())
+        });
+        let live = self
+            .cluster
+            .get(&kind, ns.as_deref(), &id.name)
+            .await
+            .map_err(|e| TargetError::Delete {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let Some(live) = live else { return Ok(()) };
+        let labels = &live["metadata"]["labels"];
+        if labels[MANAGED_BY] != "sluice" || labels[TARGET_LABEL] != self.name.as_str() {
+            warn!(resource = %id, "not marked as created by sluice on this target; left in place");
+            return Ok(());
+        }
+        let prune = live["metadata"]["annotations"][PRUNE_ANNOTATION].as_str();
+        let protected = PROTECTED.contains(&id.kind.as_str());
+        if prune == Some("false") || (protected && prune != Some("true")) {
+            info!(resource = %id, "not pruned ({PRUNE_ANNOTATION} is not \"true\"); released from the inventory");
+            return Ok(());
+        }
+        self.cluster
+            .delete(&kind, ns.as_deref(), &id.name)
+            .await
+            .map_err(|e| TargetError::Delete {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        info!(target = %self.name, resource = %id, "deleted");
+        Ok(())
+    }
+
+    fn traffic(&self) -> Option<&dyn sluice_core::traffic::Traffic> {
+        Some(&self.traffic)
+    }
+}
