@@ -913,6 +913,7 @@ impl HostTarget {
                     id: id.clone(),
                     body,
                     health,
+                    managed: None,
                     message: Some(format!(
                         "{ready}/{want} ready, version {}, restarts {restarts}",
                         current[0].spec.version
@@ -932,6 +933,7 @@ impl HostTarget {
                     id: id.clone(),
                     body,
                     health: Health::Healthy,
+                    managed: None,
                     message: None,
                 })
             }
@@ -952,6 +954,7 @@ impl HostTarget {
                     id: id.clone(),
                     body: recorded.clone(),
                     health,
+                    managed: None,
                     message: Some(message),
                 })
             }
