@@ -88,31 +88,39 @@ fn proj(
                     out.insert(k.clone(), p);
                 }
             }
+            // Owned only through children that are gone from live (sluice's
+            // inventory labels, stripped by the target): nothing to compare.
+            if out.is_empty() && want.is_none() && !atomic && !l.is_empty() {
+                return None;
+            }
             Some(Value::Object(out))
         }
-        Value::Array(items) if !atomic => {
+        // An atomic list is owned whole, but its items still compare by
+        // what the manifest sets, so defaults inside them are not changes.
+        Value::Array(items) if !atomic || want.is_some_and(Value::is_array) => {
             let want_items = want.and_then(Value::as_array);
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
                 let counterpart = want_items.and_then(|w| counterpart(w, item, i));
-                let sub = mask.and_then(|m| item_mask(m, item, i));
-                if counterpart.is_none() && sub.is_none() {
+                let sub = if atomic {
+                    None
+                } else {
+                    mask.and_then(|m| item_mask(m, item, i))
+                };
+                if counterpart.is_none() && sub.is_none() && !atomic {
                     continue;
                 }
-                let sub_obj = sub.and_then(Value::as_object);
-                // A set item (`v:`) is owned whole.
-                if sub.is_some() && sub_obj.is_none_or(|o| o.is_empty()) && counterpart.is_none() {
-                    out.push(item.clone());
-                    continue;
-                }
-                if let Some(p) = proj(
-                    item,
-                    counterpart,
-                    sub_obj.filter(|o| !o.is_empty()),
-                    key,
-                    parent,
-                ) {
-                    out.push(p);
+                let sub_fields = sub
+                    .and_then(Value::as_object)
+                    .filter(|o| o.keys().any(|k| k != "."));
+                match (counterpart, sub_fields) {
+                    // Owned whole: an atomic list's item, a set item.
+                    (None, None) => out.push(item.clone()),
+                    (c, m) => {
+                        if let Some(p) = proj(item, c, m, key, parent) {
+                            out.push(p);
+                        }
+                    }
                 }
             }
             Some(Value::Array(out))
@@ -306,6 +314,30 @@ mod tests {
         assert!(
             !text.contains("CANARY") && !text.contains("Q0FOQVJZ") && !text.contains("another"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn defaults_inside_atomic_lists_are_not_differences() {
+        // HTTPRoute rules are atomic lists; the server fills in backendRef
+        // group and kind and a default match (fixture 40).
+        let (desired, live, managed) = applied("40-ssa-httproute-weights.json");
+        assert_eq!(managed["f:spec"]["f:rules"], json!({}));
+        assert_eq!(
+            diff(&project(&live, &desired, &managed), &desired, &[]),
+            vec![]
+        );
+        let mut moved = desired.clone();
+        moved["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(50);
+        moved["spec"]["rules"][0]["backendRefs"][1]["weight"] = json!(50);
+        let d = diff(&project(&live, &moved, &managed), &moved, &[]);
+        let paths: Vec<_> = d.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.rules[0].backendRefs[0].weight",
+                "spec.rules[0].backendRefs[1].weight"
+            ]
         );
     }
 

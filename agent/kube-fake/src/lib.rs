@@ -125,6 +125,8 @@ struct Inner {
     owners: BTreeMap<Key, Owners>,
     rv: u64,
     fail_images: Vec<String>,
+    /// Whether the stand-in controllers run (the recorded server had none).
+    controllers: bool,
     throttle: u32,
     log: Vec<Logged>,
 }
@@ -154,6 +156,7 @@ impl Fake {
                 })
                 .collect(),
             rv: 100,
+            controllers: true,
             ..Inner::default()
         };
         let inner = Arc::new(Mutex::new(inner));
@@ -214,6 +217,14 @@ impl Fake {
     /// Pods whose image contains `pattern` never become ready.
     pub fn fail_images(&self, pattern: &str) {
         self.lock().fail_images.push(pattern.to_string());
+    }
+
+    /// Turns the stand-in controllers (rollouts, Jobs, PVC binding,
+    /// clusterIPs) on or off; off, objects keep the status clients write,
+    /// as on the recorded server, which had no controller manager. CRDs
+    /// are established either way: the API server itself does that.
+    pub fn controllers(&self, on: bool) {
+        self.lock().controllers = on;
     }
 
     /// The next `n` requests are answered 429 Too Many Requests.
@@ -320,7 +331,10 @@ impl Fake {
             .insert(manager.to_string(), ("Update".into(), fields));
         inner.objects.insert(key.clone(), obj);
         let obj = render_managed(&inner, &key);
-        inner.objects.insert(key.clone(), obj);
+        inner.objects.insert(key.clone(), obj.clone());
+        if kind == "CustomResourceDefinition" {
+            register_crd(&mut inner, &obj);
+        }
         run_controllers(&mut inner, &key);
     }
 
@@ -654,19 +668,36 @@ fn serve(
                     sub == Some("status"),
                 )
             } else {
-                let Some(mut obj) = inner.objects.get(&key).cloned() else {
+                let Some(before) = inner.objects.get(&key).cloned() else {
                     return not_found(&name);
                 };
+                let mut obj = before.clone();
                 merge(&mut obj, &patch);
-                let manager = manager.unwrap_or_else(|| "unknown".into());
-                let fields = fields_of(&patch);
+                status_defaults(&t.2, &mut obj);
+                // Without fieldManager the real server names the manager
+                // after the client's User-Agent (fixture 18: curl).
+                let manager = manager.unwrap_or_else(|| {
+                    headers
+                        .get("user-agent")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|ua| ua.split('/').next())
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or("unknown")
+                        .to_string()
+                });
+                let fields = update_fields(&take(&obj, &patch), &before, "");
                 let owners = inner.owners.entry(key.clone()).or_default();
                 for (m, (_, owned)) in owners.iter_mut() {
                     if *m != manager {
                         subtract(owned, &fields);
                     }
                 }
-                owners.insert(manager, ("Update".into(), fields));
+                let op = if sub == Some("status") {
+                    "Update/status"
+                } else {
+                    "Update"
+                };
+                owners.insert(manager, (op.into(), fields));
                 inner.rv += 1;
                 obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
                 inner.objects.insert(key.clone(), obj);
@@ -773,19 +804,27 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// The key fields of a list's items, if the list is keyed.
-fn list_key(items: &[Value]) -> Option<Vec<&'static str>> {
-    let all = |f: &str| !items.is_empty() && items.iter().all(|i| i.get(f).is_some());
-    if all("name") {
-        Some(vec!["name"])
-    } else if all("containerPort") {
-        Some(vec!["containerPort", "protocol"])
-    } else if all("port") && items.iter().all(|i| i.get("name").is_none()) {
-        Some(vec!["port", "protocol"])
-    } else if all("type") && items.iter().all(|i| i.get("status").is_some()) {
-        Some(vec!["type"])
-    } else {
-        None
+/// The key fields of list `field`'s items, if the built-in schemas key it
+/// (`x-kubernetes-list-type: map`); every other list is atomic, as lists
+/// in CRDs are unless their schema says otherwise.
+fn list_key(field: &str, items: &[Value]) -> Option<Vec<&'static str>> {
+    let all = |f: &str| items.iter().all(|i| i.get(f).is_some());
+    match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+            if all("name") =>
+        {
+            Some(vec!["name"])
+        }
+        "volumeMounts" if all("mountPath") => Some(vec!["mountPath"]),
+        "ports" if all("containerPort") => Some(vec!["containerPort", "protocol"]),
+        "ports" if all("port") => Some(vec!["port", "protocol"]),
+        "conditions" if all("type") => Some(vec!["type"]),
+        _ => None,
     }
 }
 
@@ -804,19 +843,26 @@ fn item_key(item: &Value, key: &[&str]) -> String {
 
 /// FieldsV1 of everything `v` sets.
 fn fields_of(v: &Value) -> Value {
+    fields_in("", v)
+}
+
+/// FieldsV1 of `v`, the value of field `name`.
+fn fields_in(name: &str, v: &Value) -> Value {
     match v {
+        // Label selectors and Service selectors are atomic maps.
+        Value::Object(_) if name == "selector" => json!({}),
         Value::Object(o) => {
             let mut m = Map::new();
             for (k, x) in o {
-                m.insert(format!("f:{k}"), fields_of(x));
+                m.insert(format!("f:{k}"), fields_in(k, x));
             }
             Value::Object(m)
         }
-        Value::Array(items) => match list_key(items) {
+        Value::Array(items) => match list_key(name, items) {
             Some(key) => {
                 let mut m = Map::new();
                 for item in items {
-                    let mut sub = fields_of(item);
+                    let mut sub = fields_in("", item);
                     if let Value::Object(s) = &mut sub {
                         s.insert(".".into(), json!({}));
                     }
@@ -827,6 +873,53 @@ fn fields_of(v: &Value) -> Value {
             None => json!({}),
         },
         _ => json!({}),
+    }
+}
+
+/// The part of `obj` a merge `patch` wrote: the patch's paths, with
+/// whole values (defaults filled in) at its leaves.
+fn take(obj: &Value, patch: &Value) -> Value {
+    match (obj, patch) {
+        (Value::Object(o), Value::Object(p)) => Value::Object(
+            p.keys()
+                .filter_map(|k| o.get(k).map(|v| (k.clone(), take(v, &p[k]))))
+                .collect(),
+        ),
+        (o, _) => o.clone(),
+    }
+}
+
+/// FieldsV1 of an Update: as [`fields_of`], and a keyed list the update
+/// created is owned itself too (`.`), as the real server records it.
+fn update_fields(written: &Value, before: &Value, name: &str) -> Value {
+    let mut f = fields_in(name, written);
+    if let (Value::Object(w), Some(fm)) = (written, f.as_object_mut()) {
+        for (k, v) in w {
+            let sub = update_fields(v, before.get(k).unwrap_or(&Value::Null), k);
+            fm.insert(format!("f:{k}"), sub);
+        }
+    }
+    if let (Value::Array(items), Some(fm)) = (written, f.as_object_mut()) {
+        if list_key(name, items).is_some() && !before.is_array() {
+            fm.insert(".".into(), json!({}));
+        }
+    }
+    f
+}
+
+/// Fields the API server fills in on status writes.
+fn status_defaults(kind: &str, obj: &mut Value) {
+    if kind == "Deployment" {
+        for c in obj["status"]["conditions"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(c) = c.as_object_mut() {
+                c.entry("lastUpdateTime").or_insert(Value::Null);
+                c.entry("lastTransitionTime").or_insert(Value::Null);
+            }
+        }
     }
 }
 
@@ -948,18 +1041,24 @@ fn remove_at(obj: &mut Value, path: &[String]) {
 /// Merges an applied configuration: maps by key, keyed lists by key,
 /// everything else replaced.
 fn merge_applied(target: &mut Value, applied: &Value) {
+    merge_in("", target, applied)
+}
+
+fn merge_in(name: &str, target: &mut Value, applied: &Value) {
     match (target, applied) {
         (Value::Object(t), Value::Object(a)) => {
             for (k, v) in a {
-                merge_applied(t.entry(k.clone()).or_insert(Value::Null), v);
+                merge_in(k, t.entry(k.clone()).or_insert(Value::Null), v);
             }
         }
-        (Value::Array(t), Value::Array(a)) if list_key(a).is_some() && list_key(t).is_some() => {
-            let key = list_key(a).unwrap_or_default();
+        (Value::Array(t), Value::Array(a))
+            if list_key(name, a).is_some() && list_key(name, t).is_some() =>
+        {
+            let key = list_key(name, a).unwrap_or_default();
             for item in a {
                 let k = item_key(item, &key);
                 match t.iter_mut().find(|x| item_key(x, &key) == k) {
-                    Some(existing) => merge_applied(existing, item),
+                    Some(existing) => merge_in("", existing, item),
                     None => t.push(item.clone()),
                 }
             }
@@ -1136,7 +1235,7 @@ fn apply(
     if obj.get("spec").is_some()
         && !matches!(
             t.2.as_str(),
-            "Lease" | "CustomResourceDefinition" | "Service" | "PersistentVolumeClaim"
+            "Lease" | "Service" | "PersistentVolumeClaim" | "Namespace"
         )
     {
         let g = obj["metadata"]["generation"].as_i64().unwrap_or(0);
@@ -1146,6 +1245,12 @@ fn apply(
     }
     if dry_run {
         let mut shown = obj.clone();
+        // A dry-run create has no resourceVersion (fixture 12).
+        if created {
+            if let Some(m) = shown["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+        }
         shown["metadata"]["managedFields"] = managed_fields_json(&new_owners, &api_version);
         return ok(if created { 201 } else { 200 }, shown);
     }
@@ -1223,7 +1328,16 @@ fn render_managed(inner: &Inner, key: &(String, String, String, String)) -> Valu
     let mut obj = inner.objects.get(key).cloned().unwrap_or_default();
     let av = obj["apiVersion"].as_str().unwrap_or_default().to_string();
     let owners = inner.owners.get(key).cloned().unwrap_or_default();
-    obj["metadata"]["managedFields"] = managed_fields_json(&owners, &av);
+    let fields = managed_fields_json(&owners, &av);
+    match obj["metadata"].as_object_mut() {
+        Some(m) if fields.as_array().is_some_and(|a| a.is_empty()) => {
+            m.remove("managedFields");
+        }
+        Some(m) => {
+            m.insert("managedFields".into(), fields);
+        }
+        None => {}
+    }
     obj
 }
 
@@ -1264,7 +1378,17 @@ fn validate_deployment(
         if !sel.iter().all(|(k, v)| labels.get(k) == Some(v)) {
             causes.push((
                 "FieldValueInvalid",
-                format!("Invalid value: {labels}: `selector` does not match template `labels`"),
+                format!(
+                    "Invalid value: map[string]string{{{}}}: `selector` does not match template `labels`",
+                    labels
+                        .as_object()
+                        .map(|m| m
+                            .iter()
+                            .map(|(k, v)| format!("{:?}:{}", k, v))
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                ),
                 "spec.template.metadata.labels",
             ));
         }
@@ -1366,6 +1490,58 @@ fn defaults(kind: &str, obj: &mut Value) {
             }
         }
         "Secret" => set(obj, "type", json!("Opaque")),
+        "CustomResourceDefinition" => {
+            set(&mut obj["spec"], "conversion", json!({"strategy": "None"}));
+            let list_kind = format!(
+                "{}List",
+                obj["spec"]["names"]["kind"].as_str().unwrap_or_default()
+            );
+            set(&mut obj["spec"]["names"], "listKind", json!(list_kind));
+            let stored: Vec<Value> = obj["spec"]["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["storage"] == true)
+                .map(|v| v["name"].clone())
+                .collect();
+            set(
+                obj,
+                "status",
+                json!({"acceptedNames": {"kind": "", "plural": ""}, "conditions": null, "storedVersions": stored}),
+            );
+        }
+        "Namespace" => {
+            let name = obj["metadata"]["name"].clone();
+            obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
+            set(obj, "spec", json!({"finalizers": ["kubernetes"]}));
+            set(obj, "status", json!({"phase": "Active"}));
+        }
+        // The defaults in the Gateway API v1.4.0 CRD schema (fixture 40).
+        "HTTPRoute" => {
+            for p in obj["spec"]["parentRefs"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                set(p, "group", json!("gateway.networking.k8s.io"));
+                set(p, "kind", json!("Gateway"));
+            }
+            if obj["spec"].is_object() {
+                set(&mut obj["spec"], "rules", json!([{}]));
+            }
+            for rule in obj["spec"]["rules"].as_array_mut().into_iter().flatten() {
+                set(
+                    rule,
+                    "matches",
+                    json!([{"path": {"type": "PathPrefix", "value": "/"}}]),
+                );
+                for b in rule["backendRefs"].as_array_mut().into_iter().flatten() {
+                    set(b, "group", json!(""));
+                    set(b, "kind", json!("Service"));
+                    set(b, "weight", json!(1));
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -1420,6 +1596,13 @@ fn run_controllers(inner: &mut Inner, key: &(String, String, String, String)) {
         .iter()
         .any(|i| inner.fail_images.iter().any(|p| i.contains(p.as_str())));
     let generation = obj["metadata"]["generation"].clone();
+    if kind == "CustomResourceDefinition" {
+        establish(inner, key, obj);
+        return;
+    }
+    if !inner.controllers {
+        return;
+    }
     let status = match kind.as_str() {
         "Deployment" | "StatefulSet" => {
             let replicas = obj["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -1480,4 +1663,57 @@ fn run_controllers(inner: &mut Inner, key: &(String, String, String, String)) {
     inner.objects.insert(key.clone(), obj);
     let obj = render_managed(inner, key);
     inner.objects.insert(key.clone(), obj);
+}
+
+/// The API server accepts a CRD's names and serves it: Established.
+fn establish(inner: &mut Inner, key: &Key, mut obj: Value) {
+    if obj["status"]["conditions"].is_array() {
+        return;
+    }
+    let now = now();
+    let accepted = obj["spec"]["names"].clone();
+    let update = json!({
+        "acceptedNames": accepted,
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "lastTransitionTime": now, "reason": "NoConflicts", "message": "no conflicts found"},
+            {"type": "Established", "status": "True", "lastTransitionTime": now, "reason": "InitialNamesAccepted", "message": "the initial names have been accepted"},
+        ],
+    });
+    // The conditions field existed (null) since the create: not new.
+    let fields = update_fields(&update, &json!({"conditions": []}), "status");
+    merge(&mut obj["status"], &update);
+    inner.rv += 1;
+    obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+    inner.owners.entry(key.clone()).or_default().insert(
+        "kube-apiserver".into(),
+        ("Update/status".into(), json!({"f:status": fields})),
+    );
+    inner.objects.insert(key.clone(), obj);
+    let obj = render_managed(inner, key);
+    inner.objects.insert(key.clone(), obj);
+}
+
+/// RFC 3339, seconds, UTC, from the system clock.
+fn now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
