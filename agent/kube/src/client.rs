@@ -170,6 +170,10 @@ impl Cluster {
                 .await
                 .map_err(|e| KubeError::Config(e.to_string()))?,
         };
+        // One retry policy, ours (429, 5xx, transport errors; see
+        // ATTEMPTS), rather than two stacked.
+        let mut config = config;
+        config.default_retry = false;
         let server = config.cluster_url.to_string();
         let client = Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
         Ok(Cluster {
