@@ -244,6 +244,12 @@ pub async fn agent(
     };
     // A follower serves probes and metrics but applies nothing until it
     // leads.
+    // With leader election every replica is ready at once: a standby
+    // serves status and metrics, and a rolling update of the agent's own
+    // Deployment must not wait for a Lease only one replica can hold.
+    if election.leader_elect {
+        shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let leader = tokio::select! {
         lead = election.lead(&common) => lead?,
         _ = shutdown_signal() => {
