@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{free_port, Shop};
+use common::{Prometheus, Shop};
 use serde_json::Value;
 
 /// Requests seen by a client loop, by answer.
@@ -424,69 +424,6 @@ fn rolling_replaces_replicas_in_batches_and_loses_no_request() {
     assert!(tally.ok.get("1.0.0").is_some_and(|n| *n > 0), "{tally:?}");
     assert!(tally.recent.iter().all(|v| v == "2.0.0"), "{tally:?}");
     assert_eq!(catalog_versions(&shop), ["2.0.0", "2.0.0", "2.0.0"]);
-}
-
-/// A real Prometheus server (Debian package `prometheus`, installed by the
-/// test command) scrapes the router's admin /metrics every second.
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(router_admin: &str) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: sluice-router\n    static_configs:\n      - targets: [\"{router_admin}\"]\n"
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("prometheus (tests/run installs the Debian package)");
-        let p = Prometheus {
-            child,
-            port,
-            _dir: dir,
-        };
-        // Ready, and the router scraped at least once.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let q = format!("http://127.0.0.1:{port}/api/v1/query?query=up");
-        loop {
-            let up = reqwest::blocking::get(&q)
-                .ok()
-                .and_then(|r| r.json::<Value>().ok())
-                .is_some_and(|v| v["data"]["result"][0]["value"][1] == "1");
-            if up {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus never scraped the router"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        p
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -11,11 +11,15 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{git, run_with_timeout, Output, SLUICE};
+use common::{git, run_with_timeout, Output, Prometheus, SLUICE};
 use serde_json::{json, Value};
 use sluice_kube_fake::Fake;
 
@@ -469,4 +473,446 @@ fn bad_manifests_are_refused_by_the_api_server_before_anything_changes() {
     );
     // Dry runs caught it: nothing was applied, not even api's wave.
     assert_eq!(c.image("api"), "registry.example.com/shop/api:1.0.0");
+}
+
+const CANARY_TOPOLOGY: &str = r#"apiVersion: sluice.dev/v1
+kind: Topology
+defaults:
+  soak: 0s
+  gateTimeout: 10s
+targets:
+  - name: cluster
+    type: kubernetes
+services:
+  platform:
+    path: platform
+  orders:
+    path: orders
+    dependsOn: [platform]
+    strategy: canary
+    canary:
+      steps: [50, 100]
+      interval: 3s
+    analysis:
+      minRequests: 20
+"#;
+
+fn orders(version: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: orders
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {{app: orders}}
+  template:
+    metadata:
+      labels: {{app: orders}}
+    spec:
+      containers:
+      - name: orders
+        image: registry.example.com/shop/orders:{version}
+        resources:
+          limits: {{memory: 64Mi}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: orders
+  namespace: shop
+spec:
+  selector: {{app: orders}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: orders
+  namespace: shop
+spec:
+  parentRefs: [{{name: shop-gateway}}]
+  rules:
+  - backendRefs:
+    - {{name: orders, port: 80, weight: 100}}
+"#
+    )
+}
+
+/// Installs the Gateway API v1.4.0 CRDs (the upstream YAML) into the fake,
+/// as a cluster admin would before sluice manages routes.
+fn install_gateway_api(fake: &Fake) {
+    for file in ["gateways.yaml", "httproutes.yaml"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/gateway-api-v1.4.0")
+            .join(file);
+        let text = std::fs::read_to_string(path).unwrap();
+        for doc in text.split("\n---\n") {
+            let v: Value = serde_yaml::from_str(doc).unwrap();
+            if v["kind"] == "CustomResourceDefinition" {
+                fake.create(v, "kubectl");
+            }
+        }
+    }
+}
+
+/// Stands in for a Gateway's data plane, which no test can run here:
+/// every 20 ms it serves 10 requests split by the weights the HTTPRoute
+/// `shop/orders` has in the (fake) cluster, fails each version's share
+/// given in `error_rates`, and exposes the counters on /metrics under the
+/// series sluice's Prometheus queries read (`sluice_router_*{route,
+/// version}`, the names a recording rule would give a real gateway's).
+struct Gateway {
+    port: u16,
+    error_rates: Arc<Mutex<BTreeMap<String, f64>>>,
+    /// Every canary weight the route carried while traffic flowed.
+    seen: Arc<Mutex<BTreeSet<u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Gateway {
+    fn start(fake: Fake) -> Gateway {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters: Arc<Mutex<BTreeMap<String, (f64, f64)>>> = Arc::default();
+        let error_rates: Arc<Mutex<BTreeMap<String, f64>>> = Arc::default();
+        let seen: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (counters, rates, seen, stop) = (
+                counters.clone(),
+                error_rates.clone(),
+                seen.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(route) =
+                        fake.get("gateway.networking.k8s.io", "httproutes", "shop", "orders")
+                    {
+                        let refs = route["spec"]["rules"][0]["backendRefs"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default();
+                        let total: f64 = refs
+                            .iter()
+                            .map(|r| r["weight"].as_f64().unwrap_or(1.0))
+                            .sum();
+                        let mut c = counters.lock().unwrap();
+                        for r in &refs {
+                            let name = r["name"].as_str().unwrap_or_default().to_string();
+                            let w = r["weight"].as_f64().unwrap_or(1.0);
+                            if name.ends_with("-canary") {
+                                seen.lock().unwrap().insert(w as u64);
+                            }
+                            if total > 0.0 {
+                                let n = 10.0 * w / total;
+                                let rate =
+                                    rates.lock().unwrap().get(&name).copied().unwrap_or(0.01);
+                                let e = c.entry(name).or_default();
+                                e.0 += n;
+                                e.1 += n * rate;
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 2048];
+                let _ = stream.read(&mut buf);
+                let mut body = String::new();
+                for (version, (requests, errors)) in counters.lock().unwrap().iter() {
+                    let (r, e) = (requests.floor() as u64, errors.floor() as u64);
+                    let l = format!("route=\"orders\",version=\"{version}\"");
+                    body.push_str(&format!("sluice_router_requests_total{{{l}}} {r}\nsluice_router_errors_total{{{l}}} {e}\n"));
+                    body.push_str(&format!("sluice_router_request_duration_seconds_bucket{{{l},le=\"0.025\"}} {r}\nsluice_router_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {r}\n"));
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Gateway {
+            port,
+            error_rates,
+            seen,
+            stop,
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn backend_refs(c: &Cluster) -> Vec<(String, u64)> {
+    let route = c
+        .object("gateway.networking.k8s.io", "httproutes", "shop", "orders")
+        .unwrap();
+    route["spec"]["rules"][0]["backendRefs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["weight"].as_u64().unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+/// Canaries on Kubernetes: a Deployment and Service `orders-canary`,
+/// HTTPRoute weights stepped 50 → 100, judged on metrics from a real
+/// Prometheus; a good release is promoted, a bad one aborted with traffic
+/// back on the baseline first.
+#[test]
+fn canaries_step_httproute_weights_and_are_judged_by_prometheus() {
+    let c = Cluster::new();
+    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
+    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
+    c.write("sluice.yaml", CANARY_TOPOLOGY);
+    c.write(
+        "platform/platform.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    );
+    c.write("orders/orders.yaml", &orders("1.0.0"));
+    install_gateway_api(&c.fake);
+    c.commit("orders 1.0.0");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+
+    let gateway = Gateway::start(c.fake.clone());
+    let prom = Prometheus::start(&format!("127.0.0.1:{}", gateway.port));
+    let url = format!("http://127.0.0.1:{}", prom.port);
+
+    // A good release: promoted through 50% to 100%.
+    c.write("orders/orders.yaml", &orders("2.0.0"));
+    c.commit("orders 2.0.0");
+    let out = c.sluice(&["apply", "--prometheus-url", &url]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains(&format!("prometheus at {url}")),
+        "{}",
+        out.all()
+    );
+    assert!(
+        gateway.seen.lock().unwrap().contains(&50),
+        "the canary never had 50%: {:?}",
+        gateway.seen
+    );
+    assert_eq!(c.image("orders"), "registry.example.com/shop/orders:2.0.0");
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_none());
+    assert!(c.object("", "services", "shop", "orders-canary").is_none());
+
+    // A bad release: the canary fails 30% of its requests.
+    gateway
+        .error_rates
+        .lock()
+        .unwrap()
+        .insert("orders-canary".into(), 0.3);
+    c.write("orders/orders.yaml", &orders("3.0.0"));
+    c.commit("orders 3.0.0");
+    let out = c.sluice(&["apply", "--prometheus-url", &url]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.all().contains("error"), "{}", out.all());
+    // Traffic back on the baseline, the canary gone, the baseline untouched.
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_none());
+    assert_eq!(c.image("orders"), "registry.example.com/shop/orders:2.0.0");
+    // The weights went back before the canary was deleted.
+    let log = c.fake.log();
+    let last_route = log
+        .iter()
+        .rposition(|l| l.method == "PATCH" && l.path.ends_with("/httproutes/orders"))
+        .unwrap();
+    let canary_deleted = log
+        .iter()
+        .rposition(|l| l.method == "DELETE" && l.path.ends_with("/deployments/orders-canary"))
+        .unwrap();
+    assert!(last_route < canary_deleted);
+}
+
+/// A `sluice run` replica with leader election, its log in a file.
+struct Replica {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(c: &Cluster, name: &str) -> Replica {
+        let log = c.dir.path().join(format!("{name}.log"));
+        let child = Command::new(SLUICE)
+            .arg("run")
+            .arg("--repo")
+            .arg(c.repo())
+            .arg("--state-dir")
+            .arg(c.dir.path().join(format!("state-{name}")))
+            .arg("--kubeconfig")
+            .arg(c.dir.path().join("kubeconfig"))
+            .args([
+                "--interval",
+                "1s",
+                "--leader-elect",
+                "--lease-namespace",
+                "sluice-system",
+            ])
+            .args(["--lease-duration", "2s", "--listen"])
+            .arg(format!("127.0.0.1:{}", common::free_port()))
+            .env("POD_NAME", name)
+            .env("HOME", c.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Replica { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two agent replicas: one leads and applies, the other waits; when the
+/// leader dies (SIGKILL, no release), the follower takes over once the
+/// Lease expires and applies the next commit.
+#[test]
+fn two_replicas_never_apply_at_once_and_the_follower_takes_over() {
+    let c = Cluster::new();
+    c.fake.create(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sluice-system"}}),
+        "kubectl",
+    );
+    c.commit("shop 1.0.0");
+    let lease = || {
+        c.fake
+            .get(
+                "coordination.k8s.io",
+                "leases",
+                "sluice-system",
+                "sluice-leader",
+            )
+            .map(|l| {
+                (
+                    l["spec"]["holderIdentity"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    l["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+                )
+            })
+    };
+    let mut a = Replica::start(&c, "agent-a");
+    wait_for("agent-a to lead and apply", Duration::from_secs(30), || {
+        c.object("apps", "deployments", "shop", "web").is_some()
+    });
+    assert_eq!(lease(), Some(("agent-a".to_string(), 0)));
+    let b = Replica::start(&c, "agent-b");
+    wait_for("agent-b to start waiting", Duration::from_secs(10), || {
+        b.log().contains("waiting for the leader lease")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!b.log().contains("leading"), "two leaders:\n{}", b.log());
+    assert_eq!(lease().unwrap().0, "agent-a");
+
+    // The leader dies without releasing the Lease.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    c.write("web/web.yaml", &web("1.0.1"));
+    c.commit("web 1.0.1");
+    wait_for(
+        "agent-b to take over and apply",
+        Duration::from_secs(30),
+        || c.image("web") == "registry.example.com/shop/web:1.0.1",
+    );
+    assert_eq!(lease(), Some(("agent-b".to_string(), 1)), "{}", b.log());
+    assert!(
+        b.log().contains("took over the leader lease"),
+        "{}",
+        b.log()
+    );
+}
+
+/// The example repository of the README rolls out against the fake, in
+/// the documented waves (its soak shortened for the test).
+#[test]
+fn the_kubernetes_example_rolls_out_in_waves() {
+    let c = Cluster::new();
+    for dir in ["platform", "api", "web"] {
+        std::fs::remove_dir_all(c.repo().join(dir)).unwrap();
+    }
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/kubernetes-shop");
+    let out = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", example.display()))
+        .arg(c.repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let topology = std::fs::read_to_string(c.repo().join("sluice.yaml")).unwrap();
+    c.write("sluice.yaml", &topology.replace("soak: 10s", "soak: 0s"));
+    install_gateway_api(&c.fake);
+    c.commit("the example");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let log = c.fake.log();
+    let applied = |suffix: &str| {
+        log.iter()
+            .position(|l| l.method == "PATCH" && l.path.ends_with(suffix) && l.status < 300)
+            .unwrap_or_else(|| panic!("{suffix} never applied:\n{}", out.all()))
+    };
+    let ns = applied("/namespaces/shop");
+    let catalog = applied("/deployments/catalog");
+    let orders = applied("/deployments/orders");
+    let web = applied("/deployments/web");
+    let route = applied("/httproutes/orders");
+    assert!(ns < catalog && catalog < orders && orders < web && route < web);
+    // The kustomize folder's generated ConfigMap is there, hash and all.
+    assert!(
+        c.fake
+            .names()
+            .iter()
+            .any(|n| n.starts_with("/configmaps/shop/catalog-config-")),
+        "{:?}",
+        c.fake.names()
+    );
+    let out = c.sluice(&["status"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    for service in ["platform", "gateway", "catalog", "orders", "web"] {
+        assert!(out.stdout.contains(service), "{}", out.all());
+    }
 }

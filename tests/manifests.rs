@@ -19,7 +19,11 @@ fn kustomize(dir: &str) -> Vec<Value> {
         .current_dir(root())
         .output()
         .expect("kubectl (installed by tests/run)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     text.split("\n---\n")
         .map(|d| serde_yaml::from_str::<Value>(d).unwrap())
@@ -31,7 +35,13 @@ fn the_in_cluster_install_renders_least_privilege_and_locked_down() {
     let docs = kustomize("manifests");
     let kinds: Vec<String> = docs
         .iter()
-        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
         .collect();
     for want in [
         "Namespace/sluice-system",
@@ -41,15 +51,28 @@ fn the_in_cluster_install_renders_least_privilege_and_locked_down() {
         "Deployment/sluice",
         "Service/sluice",
     ] {
-        assert!(kinds.iter().any(|k| k == want), "{want} missing from {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "{want} missing from {kinds:?}"
+        );
     }
-    assert!(kinds.iter().any(|k| k.starts_with("Role/")), "no Role for the Lease: {kinds:?}");
+    assert!(
+        kinds.iter().any(|k| k.starts_with("Role/")),
+        "no Role for the Lease: {kinds:?}"
+    );
     // No wildcard verbs or resources unless the user opts in.
-    for d in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
         for rule in d["rules"].as_array().unwrap() {
             for field in ["verbs", "resources", "apiGroups"] {
                 let values = rule[field].as_array().cloned().unwrap_or_default();
-                assert!(!values.iter().any(|v| v == "*"), "wildcard {field} in {}", d["metadata"]["name"]);
+                assert!(
+                    !values.iter().any(|v| v == "*"),
+                    "wildcard {field} in {}",
+                    d["metadata"]["name"]
+                );
             }
         }
     }
@@ -64,12 +87,18 @@ fn the_in_cluster_install_renders_least_privilege_and_locked_down() {
     assert_eq!(c["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
     // The agent's configuration reaches it, with leader election on.
     let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     assert_eq!(cm["data"]["SLUICE_LEADER_ELECT"], "true");
     let cm_name = cm["metadata"]["name"].as_str().unwrap();
-    assert_eq!(c["envFrom"][0]["configMapRef"]["name"], cm_name, "the generated name is wired in");
+    assert_eq!(
+        c["envFrom"][0]["configMapRef"]["name"], cm_name,
+        "the generated name is wired in"
+    );
     // The opt-in wildcard role is not installed by default.
     assert!(!role_text.contains("manage-any-kind"));
     // And the VM install sits beside it.
@@ -79,6 +108,9 @@ fn the_in_cluster_install_renders_least_privilege_and_locked_down() {
 #[test]
 fn the_kubernetes_example_kustomize_folder_renders() {
     let docs = kustomize("examples/kubernetes-shop/services/catalog");
-    assert!(docs.iter().all(|d| d["metadata"]["namespace"] == "shop"), "{docs:?}");
+    assert!(
+        docs.iter().all(|d| d["metadata"]["namespace"] == "shop"),
+        "{docs:?}"
+    );
     assert!(docs.iter().any(|d| d["kind"] == "Deployment"));
 }

@@ -612,3 +612,67 @@ pub fn history_kinds(status: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A real Prometheus server (Debian package `prometheus`, installed by the
+/// test command) scrapes one target's /metrics every second.
+pub struct Prometheus {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (host:port, path /metrics) every second.
+    pub fn start(router_admin: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: sluice-router\n    static_configs:\n      - targets: [\"{router_admin}\"]\n"
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (tests/run installs the Debian package)");
+        let p = Prometheus {
+            child,
+            port,
+            _dir: dir,
+        };
+        // Ready, and the router scraped at least once.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let q = format!("http://127.0.0.1:{port}/api/v1/query?query=up");
+        loop {
+            let up = reqwest::blocking::get(&q)
+                .ok()
+                .and_then(|r| r.json::<serde_json::Value>().ok())
+                .is_some_and(|v| v["data"]["result"][0]["value"][1] == "1");
+            if up {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus never scraped {router_admin}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        p
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -248,7 +248,9 @@ pub async fn agent(
     // serves status and metrics, and a rolling update of the agent's own
     // Deployment must not wait for a Lease only one replica can hold.
     if election.leader_elect {
-        shared.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        shared
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
     let leader = tokio::select! {
         lead = election.lead(&common) => lead?,
