@@ -371,14 +371,63 @@ fn prune_deletes_only_what_sluice_created_in_reverse_order() {
             .unwrap()
     };
     assert!(deleted("/services/api") < deleted("/configmaps/api-config"));
+    // A delete that fails (RBAC here) keeps the object in the inventory:
+    // the next apply tries again once it is allowed.
+    c.fake.forbid("DELETE", "/deployments/web");
+    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
+    let topo = TOPOLOGY.replace("  web:\n    path: web\n    dependsOn: [api]\n", "");
+    c.write("sluice.yaml", &topo);
+    c.commit("retire web");
+    let out = c.sluice(&["apply"]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(out.all().contains("forbidden"), "{}", out.all());
+    assert!(c.object("apps", "deployments", "shop", "web").is_some());
+    c.fake.allow_all();
+    let out = c.sluice(&["apply", "--retry"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        c.object("apps", "deployments", "shop", "web").is_none(),
+        "the failed delete was forgotten"
+    );
     // An empty render prunes nothing.
-    for f in ["platform/platform.yaml", "api/api.yaml", "web/web.yaml"] {
+    for f in ["platform/platform.yaml", "api/api.yaml"] {
         c.write(f, "# nothing\n");
     }
     c.commit("empty everything");
     let out = c.sluice(&["apply"]);
     assert_eq!(out.code, 2, "{}", out.all());
-    assert!(c.object("apps", "deployments", "shop", "web").is_some());
+    assert!(c.object("apps", "deployments", "shop", "api").is_some());
+}
+
+/// A kustomize folder on a machine without kubectl or kustomize: the
+/// error says so and how to install them; nothing is applied.
+#[test]
+fn a_kustomize_folder_without_kustomize_says_how_to_install_it() {
+    let c = Cluster::new();
+    c.write("web/kustomization.yaml", "resources: [web.yaml]\n");
+    c.commit("web as a kustomize folder");
+    let mut cmd = Command::new(SLUICE);
+    cmd.arg("apply")
+        .arg("--repo")
+        .arg(c.repo())
+        .arg("--state-dir")
+        .arg(c.dir.path().join("state"))
+        .arg("--kubeconfig")
+        .arg(c.dir.path().join("kubeconfig"))
+        .env("PATH", c.dir.path())
+        .env("HOME", c.dir.path());
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.all().contains("web/kustomization.yaml"),
+        "{}",
+        out.all()
+    );
+    assert!(out.all().contains("install kubectl"), "{}", out.all());
+    assert!(
+        c.fake.log().iter().all(|l| l.method != "PATCH"),
+        "something was applied"
+    );
 }
 
 #[test]

@@ -128,6 +128,8 @@ struct Inner {
     /// Whether the stand-in controllers run (the recorded server had none).
     controllers: bool,
     throttle: u32,
+    /// (method, path suffix) answered 403, as RBAC would.
+    forbidden: Vec<(String, String)>,
     log: Vec<Logged>,
 }
 
@@ -230,6 +232,19 @@ impl Fake {
     /// The next `n` requests are answered 429 Too Many Requests.
     pub fn throttle(&self, n: u32) {
         self.lock().throttle = n;
+    }
+
+    /// Answers `method` on paths ending in `suffix` with 403 Forbidden, as
+    /// the real server does when RBAC does not allow it.
+    pub fn forbid(&self, method: &str, suffix: &str) {
+        self.lock()
+            .forbidden
+            .push((method.to_string(), suffix.to_string()));
+    }
+
+    /// Lifts every [`Fake::forbid`].
+    pub fn allow_all(&self) {
+        self.lock().forbidden.clear();
     }
 
     /// Every request served so far.
@@ -393,7 +408,23 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
                 .collect()
         })
         .unwrap_or_default();
-    let response = if guard.throttle > 0 {
+    let forbidden = guard
+        .forbidden
+        .iter()
+        .any(|(m, suffix)| m == method.as_str() && uri.path().ends_with(suffix.as_str()));
+    let response = if forbidden {
+        let segs: Vec<&str> = uri.path().rsplit('/').take(2).collect();
+        let (name, plural) = (
+            segs.first().copied().unwrap_or(""),
+            segs.get(1).copied().unwrap_or(""),
+        );
+        status(
+            403,
+            "Forbidden",
+            format!("{plural} \"{name}\" is forbidden: User \"system:serviceaccount:sluice-system:sluice\" cannot {} resource \"{plural}\"", method.as_str().to_lowercase()),
+            json!({"name": name, "kind": plural}),
+        )
+    } else if guard.throttle > 0 {
         guard.throttle -= 1;
         status(
             429,
