@@ -78,6 +78,22 @@ data:
   LOG_LEVEL: info
 ---
 apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: api-routes
+  namespace: shop
+data:
+  ROUTES: /orders
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: api-limits
+  namespace: shop
+data:
+  RATE: "100"
+---
+apiVersion: v1
 kind: Secret
 metadata:
   name: api-db
@@ -283,6 +299,14 @@ fn waves_apply_in_dependency_order_with_server_side_apply() {
     assert!(out.stdout.contains("No changes"), "{}", out.all());
     let out = c.sluice(&["apply"]);
     assert_eq!(out.code, 0, "{}", out.all());
+    // Three ConfigMaps in one namespace are read with one LIST.
+    assert!(
+        c.fake
+            .log()
+            .iter()
+            .any(|l| l.method == "GET" && l.path == "/api/v1/namespaces/shop/configmaps"),
+        "observe did not LIST"
+    );
     let dry_runs_and_writes: Vec<_> = c.applies().into_iter().skip(writes).collect();
     assert!(
         dry_runs_and_writes.is_empty(),

@@ -602,6 +602,14 @@ fn serve(
                 })
                 .map(|(_, o)| o.clone())
                 .filter(|o| matches_selector(o, &selector))
+                // List items carry no apiVersion and kind (fixture 20).
+                .map(|mut o| {
+                    if let Some(m) = o.as_object_mut() {
+                        m.remove("apiVersion");
+                        m.remove("kind");
+                    }
+                    o
+                })
                 .collect();
             ok(
                 200,

@@ -347,7 +347,18 @@ impl Cluster {
         let api = self.api(kind, namespace);
         let lp = ListParams::default().labels(selector);
         let list = self.call("list", || api.list(&lp)).await?;
-        Ok(list.items.into_iter().map(to_json).collect())
+        // List items come without apiVersion and kind: put them back, so
+        // an item reads like a GET of the same object.
+        Ok(list
+            .items
+            .into_iter()
+            .map(|o| {
+                let mut v = to_json(o);
+                v["apiVersion"] = Value::String(kind.resource.api_version.clone());
+                v["kind"] = Value::String(kind.resource.kind.clone());
+                v
+            })
+            .collect())
     }
 
     /// Server-side apply of `body` with sluice's field manager; unknown

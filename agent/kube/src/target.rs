@@ -41,6 +41,10 @@ pub const SERVICE_ANNOTATION: &str = "sluice.dev/service";
 pub const PRUNE_ANNOTATION: &str = "sluice.dev/prune";
 pub const FORCE_ANNOTATION: &str = "sluice.dev/force-conflicts";
 
+/// From this many objects of one kind in one namespace, observe LISTs
+/// instead of GETting each.
+const LIST_AT: usize = 3;
+
 /// Kinds whose delete destroys data: pruned only on explicit opt-in.
 const PROTECTED: [&str; 3] = [
     "Namespace",
@@ -257,44 +261,78 @@ impl Target for KubeTarget {
         TargetKind::Kubernetes
     }
 
+    /// Reads each (kind, namespace) group with one LIST when it has
+    /// [`LIST_AT`] objects or more, else with GETs: a plan of a thousand
+    /// objects costs a request per kind and namespace, not per object.
     async fn observe(
         &self,
         ids: &[ResourceId],
     ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
-        let mut out = BTreeMap::new();
+        let observe_err = |id: &str, e: KubeError| TargetError::Observe {
+            target: self.name.clone(),
+            reason: format!("{id}: {e}"),
+        };
+        let mut groups: BTreeMap<(String, Option<String>), Vec<&ResourceId>> = BTreeMap::new();
         for id in ids.iter().filter(|id| id.target == self.name) {
-            let Some(kind) = self.kind_of(id).await? else {
+            groups
+                .entry((id.kind.clone(), id.namespace.clone()))
+                .or_default()
+                .push(id);
+        }
+        let mut out = BTreeMap::new();
+        for ((kind_name, namespace), members) in groups {
+            let Some(kind) = self.kind_of(members[0]).await? else {
                 continue;
             };
             let ns = kind.namespaced.then(|| {
-                id.namespace
+                namespace
                     .clone()
                     .unwrap_or_else(|| self.cluster.default_namespace().to_string())
             });
-            let obj = self
-                .cluster
-                .get(&kind, ns.as_deref(), &id.name)
-                .await
-                .map_err(|e| TargetError::Observe {
-                    target: self.name.clone(),
-                    reason: format!("{id}: {e}"),
-                })?;
-            let Some(obj) = obj else { continue };
-            let (health, message) = if obj["metadata"]["deletionTimestamp"].is_string() {
-                (Health::Progressing, "being deleted".to_string())
+            let mut found: BTreeMap<String, Value> = BTreeMap::new();
+            if members.len() >= LIST_AT {
+                let items = self
+                    .cluster
+                    .list(&kind, ns.as_deref(), "")
+                    .await
+                    .map_err(|e| observe_err(&kind_name, e))?;
+                for obj in items {
+                    if let Some(name) = obj["metadata"]["name"].as_str() {
+                        found.insert(name.to_string(), obj);
+                    }
+                }
             } else {
-                health(&obj)
-            };
-            out.insert(
-                id.clone(),
-                LiveResource {
-                    id: id.clone(),
-                    body: comparable(&obj),
-                    health,
-                    managed: Some(sluice_fields(&obj)),
-                    message: Some(message),
-                },
-            );
+                for id in &members {
+                    let obj = self
+                        .cluster
+                        .get(&kind, ns.as_deref(), &id.name)
+                        .await
+                        .map_err(|e| observe_err(&id.to_string(), e))?;
+                    if let Some(obj) = obj {
+                        found.insert(id.name.clone(), obj);
+                    }
+                }
+            }
+            for id in members {
+                let Some(obj) = found.remove(&id.name) else {
+                    continue;
+                };
+                let (health, message) = if obj["metadata"]["deletionTimestamp"].is_string() {
+                    (Health::Progressing, "being deleted".to_string())
+                } else {
+                    health(&obj)
+                };
+                out.insert(
+                    id.clone(),
+                    LiveResource {
+                        id: id.clone(),
+                        body: comparable(&obj),
+                        health,
+                        managed: Some(sluice_fields(&obj)),
+                        message: Some(message),
+                    },
+                );
+            }
         }
         Ok(out)
     }
