@@ -989,3 +989,50 @@ fn the_kubernetes_example_rolls_out_in_waves() {
         assert!(out.stdout.contains(service), "{}", out.all());
     }
 }
+
+/// A crash (SIGKILL) in the middle of a canary on Kubernetes: the next
+/// apply converges to a whole commit's state. With no metrics source the
+/// canary cannot pass, so that is the last good commit: all traffic on
+/// `orders`, the canary Deployment and Service gone, the old image live.
+#[test]
+fn a_crash_mid_canary_converges_to_a_whole_commit() {
+    let c = Cluster::new();
+    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
+    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
+    c.write("sluice.yaml", &CANARY_TOPOLOGY.replace("interval: 3s", "interval: 4s"));
+    c.write("platform/platform.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n");
+    c.write("orders/orders.yaml", &orders("1.0.0"));
+    install_gateway_api(&c.fake);
+    c.commit("orders 1.0.0");
+    assert_eq!(c.sluice(&["apply"]).code, 0);
+    c.write("orders/orders.yaml", &orders("2.0.0"));
+    c.commit("orders 2.0.0");
+    let mut cmd = Command::new(SLUICE);
+    cmd.arg("apply")
+        .arg("--repo")
+        .arg(c.repo())
+        .arg("--state-dir")
+        .arg(c.dir.path().join("state"))
+        .arg("--kubeconfig")
+        .arg(c.dir.path().join("kubeconfig"))
+        .env("HOME", c.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    wait_for("the canary at 50%", Duration::from_secs(30), || {
+        backend_refs(&c).contains(&("orders-canary".to_string(), 50))
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(c.object("apps", "deployments", "shop", "orders-canary").is_some());
+
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)], "{}", out.all());
+    assert!(c.object("apps", "deployments", "shop", "orders-canary").is_none());
+    assert!(c.object("", "services", "shop", "orders-canary").is_none());
+    assert_eq!(c.image("orders"), "registry.example.com/shop/orders:1.0.0");
+    let out = c.sluice(&["status", "-o", "json"]);
+    let status: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(status.to_string().contains("reverted") || status.to_string().contains("failed"), "{status:#}");
+}

@@ -31,7 +31,7 @@ const QUANTITY_PARENTS: [&str; 5] = ["requests", "limits", "capacity", "hard", "
 /// FieldsV1) owns, with equal quantities written as `desired` writes them.
 pub fn project(live: &Value, desired: &Value, managed: &Value) -> Value {
     let desired = normalise_desired(desired);
-    proj(live, Some(&desired), managed.as_object(), "", "").unwrap_or(Value::Null)
+    proj(live, Some(&desired), managed.as_object(), "", "", false).unwrap_or(Value::Null)
 }
 
 /// The manifest as the server will store it, for comparison: a Secret's
@@ -70,9 +70,12 @@ fn proj(
     mask: Option<&Map<String, Value>>,
     key: &str,
     parent: &str,
+    within_atomic: bool,
 ) -> Option<Value> {
-    // An owned leaf (`{}`) over a map or list: owned whole (atomic).
+    // An owned leaf (`{}`) over a map or list: owned whole (atomic), and
+    // so is every list below it.
     let atomic = mask.is_some_and(|m| m.is_empty());
+    let whole = atomic || within_atomic;
     match live {
         Value::Object(l) if !atomic || want.is_some_and(Value::is_object) => {
             let mut out = Map::new();
@@ -84,7 +87,7 @@ fn proj(
                 if wk.is_none() && mk.is_none() && !atomic {
                     continue;
                 }
-                if let Some(p) = proj(v, wk, mk, k, key) {
+                if let Some(p) = proj(v, wk, mk, k, key, whole) {
                     out.insert(k.clone(), p);
                 }
             }
@@ -98,6 +101,7 @@ fn proj(
         // An atomic list is owned whole, but its items still compare by
         // what the manifest sets, so defaults inside them are not changes.
         Value::Array(items) if !atomic || want.is_some_and(Value::is_array) => {
+            let atomic = whole;
             let want_items = want.and_then(Value::as_array);
             let mut out = Vec::new();
             for (i, item) in items.iter().enumerate() {
@@ -107,7 +111,7 @@ fn proj(
                 } else {
                     mask.and_then(|m| item_mask(m, item, i))
                 };
-                if counterpart.is_none() && sub.is_none() && !atomic {
+                if counterpart.is_none() && sub.is_none() && !whole {
                     continue;
                 }
                 let sub_fields = sub
@@ -117,7 +121,7 @@ fn proj(
                     // Owned whole: an atomic list's item, a set item.
                     (None, None) => out.push(item.clone()),
                     (c, m) => {
-                        if let Some(p) = proj(item, c, m, key, parent) {
+                        if let Some(p) = proj(item, c, m, key, parent, whole) {
                             out.push(p);
                         }
                     }
@@ -339,6 +343,19 @@ mod tests {
                 "spec.rules[0].backendRefs[1].weight"
             ]
         );
+    }
+
+    #[test]
+    fn an_item_left_in_an_atomic_list_shows() {
+        // A crash left the canary's backendRef in the route, weight 0.
+        let (desired, mut live, managed) = applied("40-ssa-httproute-weights.json");
+        live["spec"]["rules"][0]["backendRefs"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"group": "", "kind": "Service", "name": "left-over", "port": 80, "weight": 0}));
+        let d = diff(&project(&live, &desired, &managed), &desired, &[]);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].path, "spec.rules[0].backendRefs");
     }
 
     #[test]
