@@ -999,8 +999,14 @@ fn a_crash_mid_canary_converges_to_a_whole_commit() {
     let c = Cluster::new();
     std::fs::remove_dir_all(c.repo().join("api")).unwrap();
     std::fs::remove_dir_all(c.repo().join("web")).unwrap();
-    c.write("sluice.yaml", &CANARY_TOPOLOGY.replace("interval: 3s", "interval: 4s"));
-    c.write("platform/platform.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n");
+    c.write(
+        "sluice.yaml",
+        &CANARY_TOPOLOGY.replace("interval: 3s", "interval: 4s"),
+    );
+    c.write(
+        "platform/platform.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    );
     c.write("orders/orders.yaml", &orders("1.0.0"));
     install_gateway_api(&c.fake);
     c.commit("orders 1.0.0");
@@ -1024,15 +1030,27 @@ fn a_crash_mid_canary_converges_to_a_whole_commit() {
     });
     child.kill().unwrap();
     let _ = child.wait();
-    assert!(c.object("apps", "deployments", "shop", "orders-canary").is_some());
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_some());
 
     let out = c.sluice(&["apply"]);
     assert_eq!(out.code, 1, "{}", out.all());
-    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)], "{}", out.all());
-    assert!(c.object("apps", "deployments", "shop", "orders-canary").is_none());
+    assert_eq!(
+        backend_refs(&c),
+        [("orders".to_string(), 100)],
+        "{}",
+        out.all()
+    );
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_none());
     assert!(c.object("", "services", "shop", "orders-canary").is_none());
     assert_eq!(c.image("orders"), "registry.example.com/shop/orders:1.0.0");
     let out = c.sluice(&["status", "-o", "json"]);
     let status: Value = serde_json::from_str(&out.stdout).unwrap();
-    assert!(status.to_string().contains("reverted") || status.to_string().contains("failed"), "{status:#}");
+    assert!(
+        status.to_string().contains("reverted") || status.to_string().contains("failed"),
+        "{status:#}"
+    );
 }

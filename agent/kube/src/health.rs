@@ -36,7 +36,30 @@ pub fn health(obj: &Value) -> (Health, String) {
                 (Health::Progressing, "not established yet".into())
             }
         }
-        _ => (Health::Healthy, "present".into()),
+        _ => generic(obj),
+    }
+}
+
+/// Any other kind, by the conventions most controllers follow (as Flux's
+/// kstatus reads them): `Stalled` is degraded; `Reconciling`, a `Ready`
+/// that is not True yet, or an unobserved generation is progressing;
+/// otherwise, present is healthy.
+fn generic(obj: &Value) -> (Health, String) {
+    if condition(obj, "Stalled") == Some("True") {
+        return (Health::Degraded, reason(obj, "Stalled"));
+    }
+    if obj["status"]["observedGeneration"].is_i64() {
+        if let Some(h) = unobserved(obj) {
+            return h;
+        }
+    }
+    if condition(obj, "Reconciling") == Some("True") {
+        return (Health::Progressing, reason(obj, "Reconciling"));
+    }
+    match condition(obj, "Ready") {
+        Some("True") => (Health::Healthy, "ready".into()),
+        Some(_) => (Health::Progressing, reason(obj, "Ready")),
+        None => (Health::Healthy, "present".into()),
     }
 }
 
@@ -266,6 +289,28 @@ mod tests {
         assert_eq!(health(&pvc("Pending")).0, Health::Progressing);
         let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"generation": 1}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 3, "updatedNumberScheduled": 3, "numberAvailable": 2}});
         assert_eq!(health(&ds).0, Health::Progressing);
+        let cr = |conds: Value| json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"generation": 2}, "status": {"observedGeneration": 2, "conditions": conds}});
+        assert_eq!(
+            health(&cr(json!([{"type": "Ready", "status": "True"}]))).0,
+            Health::Healthy
+        );
+        assert_eq!(
+            health(&cr(
+                json!([{"type": "Ready", "status": "False", "reason": "Waiting"}])
+            ))
+            .0,
+            Health::Progressing
+        );
+        assert_eq!(
+            health(&cr(
+                json!([{"type": "Stalled", "status": "True", "reason": "BadSpec"}])
+            ))
+            .0,
+            Health::Degraded
+        );
+        let mut lagging = cr(json!([]));
+        lagging["status"]["observedGeneration"] = json!(1);
+        assert_eq!(health(&lagging).0, Health::Progressing);
         let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1, "readyReplicas": 2, "currentRevision": "a", "updateRevision": "b", "updatedReplicas": 1}});
         assert_eq!(health(&sts).0, Health::Progressing);
     }
