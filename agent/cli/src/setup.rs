@@ -123,6 +123,7 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
             .forge
             .connect()?
             .map(|f| Arc::new(f) as Arc<dyn sluice_core::target::PullRequests>),
+        kustomize: Arc::new(sluice_kube::kustomize::Kubectl),
     })
 }
 

@@ -30,7 +30,7 @@ use crate::gate::{Gate, GateContext, GateFactory, HealthGate, Verdict};
 use crate::model::{TargetDef, TargetKind, Topology};
 use crate::plan::{plan, Action, Inventory, Plan};
 use crate::policy::PolicyReport;
-use crate::render::{render, RenderError, Rendered};
+use crate::render::{render_with, RenderError, Rendered};
 use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use crate::source::{CommitId, Limits, Revision, Source, SourceError};
 use crate::store::{
@@ -208,6 +208,8 @@ pub struct Engine {
     /// Where canary analysis reads its counters (Prometheus); None: each
     /// target's own (the router's).
     pub metrics: Option<Arc<dyn crate::traffic::Metrics>>,
+    /// Builds kustomize folders (the real one runs `kubectl kustomize`).
+    pub kustomize: Arc<dyn crate::render::Kustomize>,
 }
 
 impl Engine {
@@ -243,9 +245,11 @@ impl Engine {
     /// Renders, observes and plans `revision` without changing anything.
     pub async fn prepare(&self, revision: &Revision) -> Result<Prepared, EngineError> {
         let snapshot = self.source.snapshot(&revision.commit, &self.limits).await?;
-        let rendered = render(&snapshot).map_err(|source| EngineError::Render {
-            commit: revision.commit.to_string(),
-            source,
+        let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
+            EngineError::Render {
+                commit: revision.commit.to_string(),
+                source,
+            }
         })?;
         let state = self.store.load()?;
         self.prepare_rendered(rendered, &state, None).await
@@ -831,9 +835,11 @@ impl Engine {
         };
         let revision = self.source.resolve(commit.as_str()).await?;
         let snapshot = self.source.snapshot(&commit, &self.limits).await?;
-        let rendered = render(&snapshot).map_err(|source| EngineError::Render {
-            commit: commit.to_string(),
-            source,
+        let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
+            EngineError::Render {
+                commit: commit.to_string(),
+                source,
+            }
         })?;
         let only: BTreeSet<String> = targets.iter().cloned().collect();
         let state = self.store.load()?;
@@ -1000,9 +1006,11 @@ impl Engine {
                 continue;
             };
             let snapshot = self.source.snapshot(&applied.commit, &self.limits).await?;
-            let rendered = render(&snapshot).map_err(|source| EngineError::Render {
-                commit: applied.commit.to_string(),
-                source,
+            let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
+                EngineError::Render {
+                    commit: applied.commit.to_string(),
+                    source,
+                }
             })?;
             let only: BTreeSet<String> = [name.clone()].into();
             let prepared = self.prepare_rendered(rendered, &state, Some(&only)).await?;
@@ -1089,9 +1097,11 @@ impl Engine {
     pub async fn report(&self, base: &Revision, head: &Revision) -> Result<PrReport, EngineError> {
         let live_plan = self.prepare(head).await?;
         let snapshot = self.source.snapshot(&base.commit, &self.limits).await?;
-        let base_r = render(&snapshot).map_err(|source| EngineError::Render {
-            commit: base.commit.to_string(),
-            source,
+        let base_r = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
+            EngineError::Render {
+                commit: base.commit.to_string(),
+                source,
+            }
         })?;
         let as_live: BTreeMap<ResourceId, LiveResource> = base_r
             .desired
@@ -1543,6 +1553,7 @@ mod tests {
             gate_factories: Vec::new(),
             forge: None,
             metrics: None,
+            kustomize: Arc::new(crate::render::NoKustomize),
         };
         (engine, source, target, dir)
     }
@@ -1712,7 +1723,7 @@ mod tests {
         // gating wave 2: live holds a=2, b=2 (unhealthy); the record says 1.
         let bad = commit(&source, &repo([("2", false), ("2", true), ("2", false)]));
         let snap = source.snapshot(&bad, &Limits::default()).await.unwrap();
-        let rendered = render(&snap).unwrap();
+        let rendered = crate::render::render(&snap).unwrap();
         for r in rendered
             .desired
             .resources

@@ -13,7 +13,6 @@ pub mod diff;
 pub mod engine;
 pub mod flags;
 pub mod gate;
-pub mod kustomize;
 pub mod managed;
 pub mod model;
 pub mod plan;

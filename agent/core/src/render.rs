@@ -1,8 +1,9 @@
 //! The render stage: one commit's files → typed desired resources.
 //!
-//! Pure: reads only the [`Snapshot`] it is given (a kustomize folder is
-//! built by the real kustomize from a private copy of the snapshot, see
-//! [`crate::kustomize`]). Every error names the
+//! Pure: reads only the [`Snapshot`] it is given; a kustomize folder is
+//! built through the [`Kustomize`] it is given (the real one runs
+//! `kubectl kustomize`, a side effect kept out of this module). Every
+//! error names the
 //! file, the field and, where it can, the line; no value from a manifest is
 //! echoed in an error (it could be a secret).
 //!
@@ -106,12 +107,58 @@ pub struct Rendered {
     pub policy: crate::policy::PolicyPack,
 }
 
-/// Renders one commit. See the module docs for the guarantees.
+/// Builds kustomize folders: the real kustomize runs as a process, so it
+/// sits behind this trait and render stays pure.
+pub trait Kustomize: Send + Sync {
+    /// The built manifests of the kustomization `file` at `root` of
+    /// `snapshot`, as multi-document YAML; errors name `file`.
+    fn build(&self, snapshot: &Snapshot, root: &str, file: &str) -> Result<String, RenderError>;
+}
+
+/// For callers that cannot run kustomize: a kustomize folder is an error.
+pub struct NoKustomize;
+
+impl Kustomize for NoKustomize {
+    fn build(&self, _: &Snapshot, _: &str, file: &str) -> Result<String, RenderError> {
+        Err(RenderError::invalid(
+            file,
+            None,
+            None,
+            "a kustomize folder, and this command cannot build kustomizations",
+        ))
+    }
+}
+
+/// Names kustomize accepts for the kustomization file.
+const KUSTOMIZATION_FILES: [&str; 3] = ["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+/// The kustomization file of `root` in `snapshot`, if it is a kustomize
+/// folder.
+pub fn kustomization_file(snapshot: &Snapshot, root: &str) -> Option<String> {
+    KUSTOMIZATION_FILES.iter().find_map(|n| {
+        let path = if root.is_empty() {
+            n.to_string()
+        } else {
+            format!("{root}/{n}")
+        };
+        snapshot.files.contains_key(&path).then_some(path)
+    })
+}
+
+/// Renders one commit with no kustomize (a kustomize folder is an error).
 pub fn render(snapshot: &Snapshot) -> Result<Rendered, RenderError> {
+    render_with(snapshot, &NoKustomize)
+}
+
+/// Renders one commit. See the module docs for the guarantees.
+pub fn render_with(
+    snapshot: &Snapshot,
+    kustomize: &dyn Kustomize,
+) -> Result<Rendered, RenderError> {
     let (topology, policy) = load_topology_with_policy(snapshot)?;
     let mut resources: BTreeMap<ResourceId, DesiredResource> = BTreeMap::new();
     for (name, service) in &topology.services {
-        for resource in render_service(snapshot, &topology, name, service)? {
+        for resource in render_service(snapshot, kustomize, &topology, name, service)? {
             if let Some(previous) = resources.get(&resource.id) {
                 return Err(RenderError::invalid(
                     &resource.file,
@@ -442,6 +489,7 @@ pub fn find_cycle(t: &Topology) -> Option<Vec<String>> {
 
 fn render_service(
     snapshot: &Snapshot,
+    kustomize: &dyn Kustomize,
     topology: &Topology,
     name: &str,
     service: &ServiceDef,
@@ -455,8 +503,8 @@ fn render_service(
     let strategy = service.rollout.strategy;
     let mut out = Vec::new();
     let mut sources: Vec<(String, String)> = Vec::new();
-    if let Some(k) = crate::kustomize::kustomization_file(snapshot, &root) {
-        sources.push((k.clone(), crate::kustomize::build(snapshot, &root, &k)?));
+    if let Some(k) = kustomization_file(snapshot, &root) {
+        sources.push((k.clone(), kustomize.build(snapshot, &root, &k)?));
     } else {
         let files: Vec<String> = snapshot
             .list(&root)
@@ -1114,60 +1162,6 @@ mod tests {
 
     fn err(files: &[(&str, &str)]) -> String {
         render(&snapshot(files)).unwrap_err().to_string()
-    }
-
-    const KTOPO: &str = "apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  shop:\n    path: apps/shop\n";
-
-    /// Runs the real kustomize (`kubectl kustomize`), which the suite
-    /// installs; a base outside the service folder is allowed, as in
-    /// kustomize.
-    #[test]
-    fn kustomize_folders_are_built_by_kustomize() {
-        let r = render(&snapshot(&[
-            (TOPOLOGY_FILE, KTOPO),
-            ("base/kustomization.yaml", "resources: [deploy.yaml]\n"),
-            (
-                "base/deploy.yaml",
-                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  template:\n    spec:\n      containers:\n      - name: web\n        image: web:1\n",
-            ),
-            (
-                "apps/shop/kustomization.yaml",
-                "namespace: shop\nresources: [../../base]\nimages:\n- name: web\n  newTag: \"2\"\nconfigMapGenerator:\n- name: web-config\n  literals: [mode=fast]\n",
-            ),
-            // Not listed in the kustomization: not rendered.
-            ("apps/shop/stray.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n"),
-        ]))
-        .unwrap();
-        let ids: Vec<String> = r
-            .desired
-            .resources
-            .keys()
-            .map(|id| id.to_string())
-            .collect();
-        assert_eq!(ids.len(), 2, "{ids:?}");
-        assert!(
-            ids[0].starts_with("cluster/ConfigMap/shop/web-config-"),
-            "{ids:?}"
-        );
-        assert_eq!(ids[1], "cluster/apps/Deployment/shop/web");
-        let web = r.desired.resources.values().nth(1).unwrap();
-        assert_eq!(
-            web.body["spec"]["template"]["spec"]["containers"][0]["image"],
-            "web:2"
-        );
-        assert_eq!(web.file, "apps/shop/kustomization.yaml");
-        let e = err(&[
-            (TOPOLOGY_FILE, KTOPO),
-            (
-                "apps/shop/kustomization.yaml",
-                "resources: [missing.yaml]\n",
-            ),
-        ]);
-        assert!(
-            e.starts_with("apps/shop/kustomization.yaml: kustomize failed:"),
-            "{e}"
-        );
-        assert!(e.contains("missing.yaml") && !e.contains("/tmp/"), "{e}");
     }
 
     #[test]

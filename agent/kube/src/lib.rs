@@ -9,6 +9,7 @@
 pub mod canary;
 pub mod client;
 pub mod health;
+pub mod kustomize;
 pub mod lease;
 pub mod target;
 
