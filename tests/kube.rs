@@ -938,6 +938,43 @@ fn two_replicas_never_apply_at_once_and_the_follower_takes_over() {
         "{}",
         b.log()
     );
+    // b started from a's state, copied in the cluster: its history holds
+    // a's deployment too, and its inventory the objects a created.
+    assert!(
+        b.log()
+            .contains("restored the agent's state from the cluster"),
+        "{}",
+        b.log()
+    );
+    wait_for(
+        "b's deployment in the copy",
+        Duration::from_secs(10),
+        || {
+            c.object("", "configmaps", "sluice-system", "sluice-state")
+                .and_then(|cm| {
+                    cm["data"]["history.jsonl"]
+                        .as_str()
+                        .map(|h| h.lines().count())
+                })
+                .is_some_and(|n| n >= 2)
+        },
+    );
+    let mut cmd = Command::new(SLUICE);
+    cmd.args(["status", "-o", "json", "--repo"])
+        .arg(c.repo())
+        .arg("--state-dir")
+        .arg(c.dir.path().join("state-agent-b"))
+        .arg("--kubeconfig")
+        .arg(c.dir.path().join("kubeconfig"))
+        .env("HOME", c.dir.path());
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    let status: Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|_| panic!("{}", out.all()));
+    let deploys = common::history_kinds(&status);
+    assert!(
+        deploys.len() >= 2,
+        "b's history lost a's deployment: {deploys:?}"
+    );
 }
 
 /// The example repository of the README rolls out against the fake, in

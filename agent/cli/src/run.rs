@@ -145,14 +145,22 @@ pub struct Election {
     /// after it expires.
     #[arg(long, default_value = "15s", value_parser = crate::parse_duration)]
     pub lease_duration: Duration,
+    /// With leader election: the ConfigMap (in the Lease's namespace) that
+    /// holds a copy of the agent's state, so a new leader or a replaced pod
+    /// keeps the inventory, the last good commit and the history.
+    #[arg(long, env = "SLUICE_STATE_CONFIGMAP", default_value = "sluice-state")]
+    pub state_configmap: String,
+}
+
+/// What leading needs: the Lease to keep, and the copy of the state.
+struct Leadership {
+    lease: Arc<sluice_kube::Lease>,
+    mirror: Arc<sluice_kube::mirror::StateMirror>,
 }
 
 impl Election {
     /// Connects and waits for the Lease; None when not electing.
-    async fn lead(
-        &self,
-        common: &Common,
-    ) -> Result<Option<Arc<sluice_kube::Lease>>, setup::ConfigError> {
+    async fn lead(&self, common: &Common) -> Result<Option<Leadership>, setup::ConfigError> {
         if !self.leader_elect {
             return Ok(None);
         }
@@ -177,8 +185,14 @@ impl Election {
                     .unwrap_or_else(|_| "sluice".into());
                 format!("{host}-{}", std::process::id())
             });
+        let cluster = Arc::new(cluster);
+        let mirror = Arc::new(sluice_kube::mirror::StateMirror::new(
+            cluster.clone(),
+            &namespace,
+            &self.state_configmap,
+        ));
         let lease = Arc::new(sluice_kube::Lease::new(
-            Arc::new(cluster),
+            cluster,
             &namespace,
             &self.lease_name,
             &identity,
@@ -187,7 +201,12 @@ impl Election {
         info!(lease = %self.lease_name, namespace = %namespace, identity = %identity, "waiting for the leader lease");
         lease.acquire().await;
         info!(identity = %identity, "leading: this replica applies");
-        Ok(Some(lease))
+        // The previous leader's state, before anything is reconciled.
+        let dir = setup::state_dir(common);
+        if let Err(e) = mirror.restore(&dir).await {
+            warn!(error = %e, "restoring the agent's state from the cluster failed; starting from this pod's");
+        }
+        Ok(Some(Leadership { lease, mirror }))
     }
 }
 
@@ -260,11 +279,15 @@ pub async fn agent(
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let mirror_task = leader.as_ref().map(|l| {
+        let (mirror, dir, stop) = (l.mirror.clone(), setup::state_dir(&common), stop_rx.clone());
+        tokio::spawn(async move { mirror.run(&dir, stop).await })
+    });
     let drift_task = tokio::spawn(drift_loop(shared.clone(), drift, schedule, stop_rx.clone()));
     let loop_task = tokio::spawn(reconcile_loop(shared.clone(), interval, backoff, stop_rx));
     let lost = async {
         match &leader {
-            Some(lease) => lease.keep().await,
+            Some(l) => l.lease.keep().await,
             None => std::future::pending().await,
         }
     };
@@ -282,8 +305,11 @@ pub async fn agent(
     let _ = loop_task.await;
     let _ = drift_task.await;
     let _ = server.await;
-    if let Some(lease) = leader {
-        lease.release().await;
+    if let Some(task) = mirror_task {
+        let _ = task.await;
+    }
+    if let Some(l) = leader {
+        l.lease.release().await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod health;
 pub mod kustomize;
 pub mod lease;
+pub mod mirror;
 pub mod target;
 
 pub use client::{Cluster, KubeError};
