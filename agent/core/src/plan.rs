@@ -11,6 +11,9 @@
 //!    in place before the process that reads it, and a route only points at
 //!    a running process), then by name.
 //!
+//! Namespaces and CustomResourceDefinitions are created and updated in the
+//! first wave of their ring, whichever service declares them.
+//!
 //! Resources of services that no longer exist are pruned in a final wave.
 //!
 //! # Pruning
@@ -190,7 +193,13 @@ pub fn plan(
                 }
             }
         };
-        let level = levels.get(&want.service).copied().unwrap_or(0);
+        // Namespaces and CRDs go in the first wave of their ring, whichever
+        // service declares them: any service's objects may need them.
+        let level = if kind_rank(&id.kind) <= FOUNDATION_RANK {
+            0
+        } else {
+            levels.get(&want.service).copied().unwrap_or(0)
+        };
         let ring = rings.get(id.target.as_str()).copied().unwrap_or(0);
         buckets
             .entry((false, level, ring))
@@ -270,6 +279,9 @@ fn order_key(c: &Change) -> (bool, i32, &ResourceId) {
     // Deletes go last and in reverse kind order (routes before processes).
     (delete, if delete { -kind_rank } else { kind_rank }, &c.id)
 }
+
+/// Kinds up to this rank (Namespaces, CRDs) are applied in the first wave.
+const FOUNDATION_RANK: i32 = 1;
 
 /// Apply order of kinds: things others need come first.
 pub fn kind_rank(kind: &str) -> i32 {
@@ -491,6 +503,43 @@ mod tests {
                 (1, 1, s(&["orders"])),
                 (2, 0, s(&["web"])),
                 (2, 1, s(&["web"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn namespaces_and_crds_go_in_the_first_wave_whoever_declares_them() {
+        let t = topology(&[("db", &[]), ("web", &["db"])], &[("cluster", 0)]);
+        let mut d = desired(&[("cluster", "db", "db", json!({"v": 1}))]);
+        for (kind, name) in [
+            ("Namespace", "web"),
+            (
+                "apiextensions.k8s.io/CustomResourceDefinition",
+                "widgets.example.com",
+            ),
+            ("apps/Deployment", "web"),
+        ] {
+            let id = ResourceId::new("cluster", kind, name);
+            let mut r = d.resources.values().next().unwrap().clone();
+            r.id = id.clone();
+            r.service = "web".into();
+            d.resources.insert(id, r);
+        }
+        let p = plan(&t, &d, &BTreeMap::new(), &Inventory::new()).unwrap();
+        let waves: Vec<Vec<String>> = p
+            .waves
+            .iter()
+            .map(|w| w.changes.iter().map(|c| c.id.kind.clone()).collect())
+            .collect();
+        assert_eq!(
+            waves,
+            [
+                vec![
+                    "Namespace",
+                    "apiextensions.k8s.io/CustomResourceDefinition",
+                    "Process"
+                ],
+                vec!["apps/Deployment"],
             ]
         );
     }
