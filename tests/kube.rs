@@ -205,17 +205,24 @@ impl Cluster {
         git(&self.repo(), &["rev-parse", "HEAD"])
     }
 
-    fn sluice(&self, args: &[&str]) -> Output {
+    /// `sluice <command>` on this repository and cluster, keeping its
+    /// state in the folder `state` (one per agent replica).
+    fn command(&self, command: &str, state: &str) -> Command {
         let mut cmd = Command::new(SLUICE);
-        cmd.arg(args[0])
+        cmd.arg(command)
             .arg("--repo")
             .arg(self.repo())
             .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
+            .arg(self.dir.path().join(state))
             .arg("--kubeconfig")
             .arg(self.dir.path().join("kubeconfig"))
-            .args(&args[1..])
             .env("HOME", self.dir.path());
+        cmd
+    }
+
+    fn sluice(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args[0], "state");
+        cmd.args(&args[1..]);
         run_with_timeout(cmd, Duration::from_secs(120))
     }
 
@@ -430,16 +437,8 @@ fn a_kustomize_folder_without_kustomize_says_how_to_install_it() {
     let c = Cluster::new();
     c.write("web/kustomization.yaml", "resources: [web.yaml]\n");
     c.commit("web as a kustomize folder");
-    let mut cmd = Command::new(SLUICE);
-    cmd.arg("apply")
-        .arg("--repo")
-        .arg(c.repo())
-        .arg("--state-dir")
-        .arg(c.dir.path().join("state"))
-        .arg("--kubeconfig")
-        .arg(c.dir.path().join("kubeconfig"))
-        .env("PATH", c.dir.path())
-        .env("HOME", c.dir.path());
+    let mut cmd = c.command("apply", "state");
+    cmd.env("PATH", c.dir.path());
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(
@@ -831,14 +830,8 @@ struct Replica {
 impl Replica {
     fn start(c: &Cluster, name: &str) -> Replica {
         let log = c.dir.path().join(format!("{name}.log"));
-        let child = Command::new(SLUICE)
-            .arg("run")
-            .arg("--repo")
-            .arg(c.repo())
-            .arg("--state-dir")
-            .arg(c.dir.path().join(format!("state-{name}")))
-            .arg("--kubeconfig")
-            .arg(c.dir.path().join("kubeconfig"))
+        let child = c
+            .command("run", &format!("state-{name}"))
             .args([
                 "--interval",
                 "1s",
@@ -849,7 +842,6 @@ impl Replica {
             .args(["--lease-duration", "2s", "--listen"])
             .arg(format!("127.0.0.1:{}", common::free_port()))
             .env("POD_NAME", name)
-            .env("HOME", c.dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -959,14 +951,8 @@ fn two_replicas_never_apply_at_once_and_the_follower_takes_over() {
                 .is_some_and(|n| n >= 2)
         },
     );
-    let mut cmd = Command::new(SLUICE);
-    cmd.args(["status", "-o", "json", "--repo"])
-        .arg(c.repo())
-        .arg("--state-dir")
-        .arg(c.dir.path().join("state-agent-b"))
-        .arg("--kubeconfig")
-        .arg(c.dir.path().join("kubeconfig"))
-        .env("HOME", c.dir.path());
+    let mut cmd = c.command("status", "state-agent-b");
+    cmd.args(["-o", "json"]);
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     let status: Value =
         serde_json::from_str(&out.stdout).unwrap_or_else(|_| panic!("{}", out.all()));
@@ -1050,16 +1036,8 @@ fn a_crash_mid_canary_converges_to_a_whole_commit() {
     assert_eq!(c.sluice(&["apply"]).code, 0);
     c.write("orders/orders.yaml", &orders("2.0.0"));
     c.commit("orders 2.0.0");
-    let mut cmd = Command::new(SLUICE);
-    cmd.arg("apply")
-        .arg("--repo")
-        .arg(c.repo())
-        .arg("--state-dir")
-        .arg(c.dir.path().join("state"))
-        .arg("--kubeconfig")
-        .arg(c.dir.path().join("kubeconfig"))
-        .env("HOME", c.dir.path())
-        .stdout(std::process::Stdio::null())
+    let mut cmd = c.command("apply", "state");
+    cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut child = cmd.spawn().unwrap();
     wait_for("the canary at 50%", Duration::from_secs(30), || {

@@ -1389,15 +1389,7 @@ mod tests {
             let id = CommitId::parse(&format!("{:040x}", commits.len() + 1)).unwrap();
             let files = files
                 .iter()
-                .map(|(p, c)| {
-                    (
-                        p.to_string(),
-                        FileEntry::Blob {
-                            data: c.as_bytes().to_vec(),
-                            executable: false,
-                        },
-                    )
-                })
+                .map(|(p, c)| (p.to_string(), FileEntry::text(c)))
                 .collect();
             let summary = format!("c{}", commits.len() + 1);
             commits.push((

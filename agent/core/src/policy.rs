@@ -955,28 +955,16 @@ fn redacted(body: &Value, paths: &[String]) -> Value {
 mod tests {
     use super::*;
 
-    use crate::source::{CommitId, FileEntry, Revision};
+    use crate::source::{CommitId, Revision};
 
     /// Renders, plans against an empty live system, and evaluates.
     fn check(files: &[(&str, &str)]) -> Result<PolicyReport, RenderError> {
-        let snapshot = Snapshot {
-            revision: Revision {
-                commit: CommitId::parse(&"c".repeat(40)).unwrap(),
-                time: 0,
-                summary: "t".into(),
-            },
-            files: files
-                .iter()
-                .map(|(p, c)| {
-                    let data = c.as_bytes().to_vec();
-                    let e = FileEntry::Blob {
-                        data,
-                        executable: false,
-                    };
-                    (p.to_string(), e)
-                })
-                .collect(),
+        let revision = Revision {
+            commit: CommitId::parse(&"c".repeat(40)).unwrap(),
+            time: 0,
+            summary: "t".into(),
         };
+        let snapshot = Snapshot::from_texts(revision, files);
         let rendered = crate::render::render(&snapshot)?;
         let plan = crate::plan::plan(
             &rendered.topology,
@@ -1204,23 +1192,12 @@ mod tests {
                 "criticality:\n  critical:\n    soak: 5s\n",
             ),
         ];
-        let snapshot = Snapshot {
-            revision: Revision {
-                commit: CommitId::parse(&"c".repeat(40)).unwrap(),
-                time: 0,
-                summary: "t".into(),
-            },
-            files: snapshot_files
-                .iter()
-                .map(|(p, c)| {
-                    let e = FileEntry::Blob {
-                        data: c.as_bytes().to_vec(),
-                        executable: false,
-                    };
-                    (p.to_string(), e)
-                })
-                .collect(),
+        let revision = Revision {
+            commit: CommitId::parse(&"c".repeat(40)).unwrap(),
+            time: 0,
+            summary: "t".into(),
         };
+        let snapshot = Snapshot::from_texts(revision, &snapshot_files);
         let t = crate::render::load_topology(&snapshot).unwrap();
         let pay = &t.services["pay"].rollout;
         assert_eq!(pay.strategy, Strategy::Canary);

@@ -1115,25 +1115,12 @@ mod tests {
     use std::path::Path;
 
     fn snapshot(files: &[(&str, &str)]) -> Snapshot {
-        Snapshot {
-            revision: Revision {
-                commit: CommitId::parse(&"d".repeat(40)).unwrap(),
-                time: 0,
-                summary: "t".into(),
-            },
-            files: files
-                .iter()
-                .map(|(p, c)| {
-                    (
-                        p.to_string(),
-                        FileEntry::Blob {
-                            data: c.as_bytes().to_vec(),
-                            executable: false,
-                        },
-                    )
-                })
-                .collect(),
-        }
+        let revision = Revision {
+            commit: CommitId::parse(&"d".repeat(40)).unwrap(),
+            time: 0,
+            summary: "t".into(),
+        };
+        Snapshot::from_texts(revision, files)
     }
 
     fn from_dir(dir: &Path) -> Snapshot {

@@ -72,6 +72,16 @@ pub enum FileEntry {
     Symlink { target: String },
 }
 
+impl FileEntry {
+    /// A regular, non-executable file holding `text`.
+    pub fn text(text: &str) -> FileEntry {
+        FileEntry::Blob {
+            data: text.as_bytes().to_vec(),
+            executable: false,
+        }
+    }
+}
+
 /// Caps that keep a hostile or broken commit from exhausting the agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -118,6 +128,18 @@ pub enum PathError {
 }
 
 impl Snapshot {
+    /// The text files `files` (path, content) at `revision`: a snapshot
+    /// built in memory, for tests and tools that have no git history.
+    pub fn from_texts(revision: Revision, files: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            revision,
+            files: files
+                .iter()
+                .map(|(p, c)| (p.to_string(), FileEntry::text(c)))
+                .collect(),
+        }
+    }
+
     /// Reads `path` (relative to the watched path), resolving symbolic links
     /// inside the snapshot only. Every step of the resolution, and the final
     /// file, must stay under `root` (itself relative to the watched path, ""

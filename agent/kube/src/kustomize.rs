@@ -111,26 +111,15 @@ mod tests {
     use super::*;
     use sluice_core::model::TOPOLOGY_FILE;
     use sluice_core::render::render_with;
-    use sluice_core::source::{CommitId, FileEntry, Revision};
+    use sluice_core::source::{CommitId, Revision};
 
     fn snapshot(files: &[(&str, &str)]) -> Snapshot {
-        Snapshot {
-            revision: Revision {
-                commit: CommitId::parse(&"a".repeat(40)).unwrap(),
-                time: 0,
-                summary: String::new(),
-            },
-            files: files
-                .iter()
-                .map(|(p, c)| {
-                    let e = FileEntry::Blob {
-                        data: c.as_bytes().to_vec(),
-                        executable: false,
-                    };
-                    (p.to_string(), e)
-                })
-                .collect(),
-        }
+        let revision = Revision {
+            commit: CommitId::parse(&"a".repeat(40)).unwrap(),
+            time: 0,
+            summary: String::new(),
+        };
+        Snapshot::from_texts(revision, files)
     }
 
     const KTOPO: &str = "apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  shop:\n    path: apps/shop\n";
