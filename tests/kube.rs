@@ -1069,3 +1069,70 @@ fn a_crash_mid_canary_converges_to_a_whole_commit() {
         "{status:#}"
     );
 }
+
+/// Blue-green on Kubernetes: the route switches all traffic to the new
+/// version at once; the new version is judged against what the old one
+/// served before the switch. A bad one gets the traffic switched back.
+#[test]
+fn bluegreen_switches_the_route_at_once_and_back_on_failure() {
+    let c = Cluster::new();
+    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
+    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
+    let topology = CANARY_TOPOLOGY
+        .replace("strategy: canary", "strategy: bluegreen\n    keepWarm: 1s")
+        .replace(
+            "    canary:\n      steps: [50, 100]\n      interval: 3s\n",
+            "    canary:\n      interval: 3s\n",
+        );
+    c.write("sluice.yaml", &topology);
+    c.write(
+        "platform/platform.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+    );
+    c.write("orders/orders.yaml", &orders("1.0.0"));
+    install_gateway_api(&c.fake);
+    c.commit("orders 1.0.0");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let gateway = Gateway::start(c.fake.clone());
+    let prom = Prometheus::start(&format!("127.0.0.1:{}", gateway.port));
+    let url = format!("http://127.0.0.1:{}", prom.port);
+    // Let the blue version serve a baseline first.
+    std::thread::sleep(Duration::from_secs(3));
+
+    c.write("orders/orders.yaml", &orders("2.0.0"));
+    c.commit("orders 2.0.0");
+    let out = c.sluice(&["apply", "--prometheus-url", &url]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    // All at once: the only canary weight the route ever had is 100.
+    let seen: Vec<u64> = gateway
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|w| *w > 0)
+        .collect();
+    assert_eq!(seen, [100], "{}", out.all());
+    assert_eq!(c.image("orders"), "registry.example.com/shop/orders:2.0.0");
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_none());
+
+    gateway
+        .error_rates
+        .lock()
+        .unwrap()
+        .insert("orders-canary".into(), 0.3);
+    c.write("orders/orders.yaml", &orders("3.0.0"));
+    c.commit("orders 3.0.0");
+    let out = c.sluice(&["apply", "--prometheus-url", &url]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.all().contains("error-rate"), "{}", out.all());
+    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+    assert!(c
+        .object("apps", "deployments", "shop", "orders-canary")
+        .is_none());
+    assert_eq!(c.image("orders"), "registry.example.com/shop/orders:2.0.0");
+}
