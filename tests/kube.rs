@@ -839,7 +839,7 @@ impl Replica {
                 "--lease-namespace",
                 "sluice-system",
             ])
-            .args(["--lease-duration", "2s", "--listen"])
+            .args(["--lease-duration", "3s", "--listen"])
             .arg(format!("127.0.0.1:{}", common::free_port()))
             .env("POD_NAME", name)
             .stdout(std::process::Stdio::null())
