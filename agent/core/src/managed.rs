@@ -31,7 +31,10 @@ const QUANTITY_PARENTS: [&str; 5] = ["requests", "limits", "capacity", "hard", "
 /// FieldsV1) owns, with equal quantities written as `desired` writes them.
 pub fn project(live: &Value, desired: &Value, managed: &Value) -> Value {
     let desired = normalise_desired(desired);
-    proj(live, Some(&desired), managed.as_object(), "", "", false).unwrap_or(Value::Null)
+    // An empty set at the top owns nothing (unlike `{}` below a field,
+    // which owns that field whole).
+    let managed = managed.as_object().filter(|m| !m.is_empty());
+    proj(live, Some(&desired), managed, "", "", false).unwrap_or(Value::Null)
 }
 
 /// The manifest as the server will store it, for comparison: a Secret's
@@ -90,11 +93,6 @@ fn proj(
                 if let Some(p) = proj(v, wk, mk, k, key, whole) {
                     out.insert(k.clone(), p);
                 }
-            }
-            // Owned only through children that are gone from live (sluice's
-            // inventory labels, stripped by the target): nothing to compare.
-            if out.is_empty() && want.is_none() && !atomic && !l.is_empty() {
-                return None;
             }
             Some(Value::Object(out))
         }
@@ -258,6 +256,13 @@ mod tests {
         );
         let seen = project(&live, &desired, &managed);
         assert_eq!(diff(&seen, &desired, &[]), vec![], "{seen:#}");
+    }
+
+    #[test]
+    fn an_object_sluice_never_applied_compares_by_the_manifest_only() {
+        // Adopted: made by another tool, so sluice owns nothing on it yet.
+        let (desired, live, _) = applied("13-ssa-deployment-create.json");
+        assert_eq!(diff(&project(&live, &desired, &json!({})), &desired, &[]), vec![]);
     }
 
     #[test]

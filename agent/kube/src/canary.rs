@@ -27,27 +27,23 @@ use tracing::info;
 
 use crate::client::{Cluster, Kind};
 use crate::health::health;
-use crate::target::{apply_error, sluice_fields, with_inventory, KubeTarget};
+use crate::target::{apply_error, sluice_fields, Applier};
 
 pub const CANARY_SUFFIX: &str = "-canary";
 const ROUTE_API: &str = "gateway.networking.k8s.io/v1";
 const POLL: Duration = Duration::from_millis(500);
 
 pub struct HttpRouteTraffic {
-    target: String,
+    applier: Applier,
     cluster: Arc<Cluster>,
 }
 
 impl HttpRouteTraffic {
-    pub fn new(target: &str, cluster: Arc<Cluster>) -> Self {
+    pub(crate) fn new(applier: Applier) -> Self {
         HttpRouteTraffic {
-            target: target.to_string(),
-            cluster,
+            cluster: applier.cluster.clone(),
+            applier,
         }
-    }
-
-    fn kube(&self) -> KubeTarget {
-        KubeTarget::new(&self.target, self.cluster.clone())
     }
 
     fn fail(&self, id: &ResourceId, reason: impl std::fmt::Display) -> TargetError {
@@ -139,12 +135,12 @@ impl HttpRouteTraffic {
                 .unwrap_or_default()
                 .to_string();
             let rid = ResourceId {
-                target: self.target.clone(),
+                target: self.applier.target.clone(),
                 kind: "gateway.networking.k8s.io/HTTPRoute".into(),
                 namespace: Some(ns.clone()),
                 name: name.clone(),
             };
-            self.kube().apply_body(&rid, &service, &body).await?;
+            self.applier.apply(&rid, &service, &body).await?;
         }
         info!(resource = %id, canary = %split.canary, weight = ?canary_percent, "route weights set");
         Ok(())
@@ -310,10 +306,15 @@ impl Traffic for HttpRouteTraffic {
             "metadata": {"name": canary, "namespace": ns, "labels": {"sluice.dev/canary-of": id.name}},
             "spec": {"selector": suffixed(&service["spec"]["selector"], &keys), "ports": ports},
         });
-        for (body, kind) in [(&svc, &s), (&dep, &d)] {
-            let body = with_inventory(body, &self.target, &r.service);
-            self.cluster
-                .apply(kind, Some(&ns), &canary, &body, false, false)
+        for (body, kind, kind_id) in [(&svc, &s, "Service"), (&dep, &d, id.kind.as_str())] {
+            let canary_id = ResourceId {
+                target: self.applier.target.clone(),
+                kind: kind_id.to_string(),
+                namespace: Some(ns.clone()),
+                name: canary.clone(),
+            };
+            self.applier
+                .apply_as(kind, &canary_id, &r.service, body, false)
                 .await
                 .map_err(|e| apply_error(id, e))?;
         }
@@ -341,8 +342,7 @@ impl Traffic for HttpRouteTraffic {
     }
 
     async fn promote(&self, split: &Split, r: &DesiredResource) -> Result<(), TargetError> {
-        let kube = self.kube();
-        kube.apply_body(&r.id, &r.service, &r.body).await?;
+        self.applier.apply(&r.id, &r.service, &r.body).await?;
         let (d, _, _) = self
             .kinds()
             .await

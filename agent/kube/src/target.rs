@@ -53,33 +53,87 @@ const PROTECTED: [&str; 3] = [
 ];
 
 pub struct KubeTarget {
-    name: String,
-    pub(crate) cluster: Arc<Cluster>,
+    applier: Applier,
     traffic: crate::canary::HttpRouteTraffic,
+}
+
+/// Writes manifests to one cluster as one target. The target and its
+/// traffic splitter both apply through it, so every object gets the same
+/// inventory marks, scope and conflict rule.
+#[derive(Clone)]
+pub(crate) struct Applier {
+    pub(crate) target: String,
+    pub(crate) cluster: Arc<Cluster>,
+}
+
+impl Applier {
+    fn unavailable(&self, e: impl std::fmt::Display) -> TargetError {
+        TargetError::Unavailable {
+            target: self.target.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Where an object of `kind` lives: its namespace, else the context's
+    /// default; None for cluster-scoped kinds.
+    pub(crate) fn namespace(&self, kind: &Kind, namespace: Option<&str>) -> Option<String> {
+        kind.namespaced.then(|| {
+            namespace
+                .unwrap_or_else(|| self.cluster.default_namespace())
+                .to_string()
+        })
+    }
+
+    /// Server-side applies `body` as `id` of `service`, its kind resolved:
+    /// with the inventory marks, the namespace its kind's scope calls for,
+    /// and force only where the object opts in.
+    pub(crate) async fn apply_as(
+        &self,
+        kind: &Kind,
+        id: &ResourceId,
+        service: &str,
+        body: &Value,
+        dry_run: bool,
+    ) -> Result<Value, KubeError> {
+        let mut body = with_inventory(body, &self.target, service);
+        let namespace = self.namespace(kind, id.namespace.as_deref());
+        match &namespace {
+            Some(ns) => body["metadata"]["namespace"] = json!(ns),
+            None => {
+                if let Some(m) = body["metadata"].as_object_mut() {
+                    m.remove("namespace");
+                }
+            }
+        }
+        let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
+        self.cluster
+            .apply(kind, namespace.as_deref(), &id.name, &body, force, dry_run)
+            .await
+    }
 }
 
 impl KubeTarget {
     pub fn new(name: &str, cluster: Arc<Cluster>) -> Self {
-        KubeTarget {
-            name: name.to_string(),
-            traffic: crate::canary::HttpRouteTraffic::new(name, cluster.clone()),
+        let applier = Applier {
+            target: name.to_string(),
             cluster,
-        }
-    }
-
-    fn unavailable(&self, e: impl std::fmt::Display) -> TargetError {
-        TargetError::Unavailable {
-            target: self.name.clone(),
-            reason: e.to_string(),
+        };
+        KubeTarget {
+            traffic: crate::canary::HttpRouteTraffic::new(applier.clone()),
+            applier,
         }
     }
 
     /// The kind of `id`, or None if the cluster does not serve it.
     async fn kind_of(&self, id: &ResourceId) -> Result<Option<Kind>, TargetError> {
-        self.cluster
+        self.applier
+            .cluster
             .resolve_id(&id.kind)
             .await
-            .map_err(|e| self.unavailable(format!("discovery of {}: {e}", id.kind)))
+            .map_err(|e| {
+                self.applier
+                    .unavailable(format!("discovery of {}: {e}", id.kind))
+            })
     }
 }
 
@@ -124,9 +178,11 @@ pub fn comparable(obj: &Value) -> Value {
     o
 }
 
-/// What sluice's field manager owns on `obj` (FieldsV1), `{}` if nothing.
+/// What sluice's field manager owns on `obj` (FieldsV1), `{}` if nothing,
+/// less the inventory marks: like [`comparable`], it describes the fields
+/// the manifest is responsible for.
 pub fn sluice_fields(obj: &Value) -> Value {
-    obj["metadata"]["managedFields"]
+    let mut fields = obj["metadata"]["managedFields"]
         .as_array()
         .into_iter()
         .flatten()
@@ -136,7 +192,30 @@ pub fn sluice_fields(obj: &Value) -> Value {
                 && e.get("subresource").is_none()
         })
         .map(|e| e["fieldsV1"].clone())
-        .unwrap_or_else(|| json!({}))
+        .unwrap_or_else(|| json!({}));
+    let Some(meta) = fields.get_mut("f:metadata").and_then(Value::as_object_mut) else {
+        return fields;
+    };
+    for (field, keys) in [
+        ("f:labels", &[MANAGED_BY, TARGET_LABEL][..]),
+        ("f:annotations", &[SERVICE_ANNOTATION][..]),
+    ] {
+        if let Some(map) = meta.get_mut(field).and_then(Value::as_object_mut) {
+            for k in keys {
+                map.remove(&format!("f:{k}"));
+            }
+            // An empty entry would read as "owned whole": drop it.
+            if map.is_empty() {
+                meta.remove(field);
+            }
+        }
+    }
+    if meta.is_empty() {
+        if let Some(f) = fields.as_object_mut() {
+            f.remove("f:metadata");
+        }
+    }
+    fields
 }
 
 /// The error for a refused apply, naming fields, managers and the way out.
@@ -198,9 +277,9 @@ pub(crate) fn with_inventory(body: &Value, target: &str, service: &str) -> Value
     b
 }
 
-impl KubeTarget {
-    /// Applies `body` (a whole manifest) as sluice.
-    pub(crate) async fn apply_body(
+impl Applier {
+    /// Applies `body` (a whole manifest) as sluice, resolving its kind.
+    pub(crate) async fn apply(
         &self,
         id: &ResourceId,
         service: &str,
@@ -229,23 +308,7 @@ impl KubeTarget {
                 "the cluster does not serve kind {kind_name} in {api_version} (is its CustomResourceDefinition installed?)"
             ),
         })?;
-        let mut body = with_inventory(body, &self.name, service);
-        let namespace = if kind.namespaced {
-            let ns = id
-                .namespace
-                .clone()
-                .unwrap_or_else(|| self.cluster.default_namespace().to_string());
-            body["metadata"]["namespace"] = json!(ns);
-            Some(ns)
-        } else {
-            if let Some(m) = body["metadata"].as_object_mut() {
-                m.remove("namespace");
-            }
-            None
-        };
-        let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
-        self.cluster
-            .apply(&kind, namespace.as_deref(), &id.name, &body, force, false)
+        self.apply_as(&kind, id, service, body, false)
             .await
             .map_err(|e| apply_error(id, e))
     }
@@ -254,7 +317,7 @@ impl KubeTarget {
 #[async_trait::async_trait]
 impl Target for KubeTarget {
     fn name(&self) -> &str {
-        &self.name
+        &self.applier.target
     }
 
     fn kind(&self) -> TargetKind {
@@ -269,11 +332,11 @@ impl Target for KubeTarget {
         ids: &[ResourceId],
     ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
         let observe_err = |id: &str, e: KubeError| TargetError::Observe {
-            target: self.name.clone(),
+            target: self.applier.target.clone(),
             reason: format!("{id}: {e}"),
         };
         let mut groups: BTreeMap<(String, Option<String>), Vec<&ResourceId>> = BTreeMap::new();
-        for id in ids.iter().filter(|id| id.target == self.name) {
+        for id in ids.iter().filter(|id| id.target == self.applier.target) {
             groups
                 .entry((id.kind.clone(), id.namespace.clone()))
                 .or_default()
@@ -284,14 +347,11 @@ impl Target for KubeTarget {
             let Some(kind) = self.kind_of(members[0]).await? else {
                 continue;
             };
-            let ns = kind.namespaced.then(|| {
-                namespace
-                    .clone()
-                    .unwrap_or_else(|| self.cluster.default_namespace().to_string())
-            });
+            let ns = self.applier.namespace(&kind, namespace.as_deref());
             let mut found: BTreeMap<String, Value> = BTreeMap::new();
             if members.len() >= LIST_AT {
                 let items = self
+                    .applier
                     .cluster
                     .list(&kind, ns.as_deref(), "")
                     .await
@@ -304,6 +364,7 @@ impl Target for KubeTarget {
             } else {
                 for id in &members {
                     let obj = self
+                        .applier
                         .cluster
                         .get(&kind, ns.as_deref(), &id.name)
                         .await
@@ -345,26 +406,17 @@ impl Target for KubeTarget {
             let api_version = r.body["apiVersion"].as_str().unwrap_or_default();
             let kind_name = r.body["kind"].as_str().unwrap_or_default();
             let Some(kind) = self
+                .applier
                 .cluster
                 .resolve(api_version, kind_name)
                 .await
-                .map_err(|e| self.unavailable(e))?
+                .map_err(|e| self.applier.unavailable(e))?
             else {
                 continue;
             };
-            let mut body = with_inventory(&r.body, &self.name, &r.service);
-            let ns = kind.namespaced.then(|| {
-                r.id.namespace
-                    .clone()
-                    .unwrap_or_else(|| self.cluster.default_namespace().to_string())
-            });
-            if let Some(ns) = &ns {
-                body["metadata"]["namespace"] = json!(ns);
-            }
-            let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
             match self
-                .cluster
-                .apply(&kind, ns.as_deref(), &r.id.name, &body, force, true)
+                .applier
+                .apply_as(&kind, &r.id, &r.service, &r.body, true)
                 .await
             {
                 Ok(_) => {}
@@ -382,9 +434,10 @@ impl Target for KubeTarget {
     }
 
     async fn apply(&self, resource: &DesiredResource) -> Result<(), TargetError> {
-        self.apply_body(&resource.id, &resource.service, &resource.body)
+        self.applier
+            .apply(&resource.id, &resource.service, &resource.body)
             .await?;
-        info!(target = %self.name, resource = %resource.id, "applied");
+        info!(target = %self.applier.target, resource = %resource.id, "applied");
         Ok(())
     }
 
@@ -392,13 +445,9 @@ impl Target for KubeTarget {
         let Some(kind) = self.kind_of(id).await? else {
             return Ok(());
         };
-        let ns = kind.namespaced.then(|| {
-            id.namespace
-                .clone()
-                .unwrap_or_else(|| self.cluster.default_namespace().to_string())
-        });
-        let live = self
-            .cluster
+        let ns = self.applier.namespace(&kind, id.namespace.as_deref());
+        let cluster = &self.applier.cluster;
+        let live = cluster
             .get(&kind, ns.as_deref(), &id.name)
             .await
             .map_err(|e| TargetError::Delete {
@@ -407,7 +456,7 @@ impl Target for KubeTarget {
             })?;
         let Some(live) = live else { return Ok(()) };
         let labels = &live["metadata"]["labels"];
-        if labels[MANAGED_BY] != "sluice" || labels[TARGET_LABEL] != self.name.as_str() {
+        if labels[MANAGED_BY] != "sluice" || labels[TARGET_LABEL] != self.applier.target.as_str() {
             warn!(resource = %id, "not marked as created by sluice on this target; left in place");
             return Ok(());
         }
@@ -417,14 +466,14 @@ impl Target for KubeTarget {
             info!(resource = %id, "not pruned ({PRUNE_ANNOTATION} is not \"true\"); released from the inventory");
             return Ok(());
         }
-        self.cluster
+        cluster
             .delete(&kind, ns.as_deref(), &id.name)
             .await
             .map_err(|e| TargetError::Delete {
                 id: id.to_string(),
                 reason: e.to_string(),
             })?;
-        info!(target = %self.name, resource = %id, "deleted");
+        info!(target = %self.applier.target, resource = %id, "deleted");
         Ok(())
     }
 
