@@ -613,6 +613,28 @@ spec:
     )
 }
 
+impl Cluster {
+    /// A cluster running only `orders` 1.0.0 behind its HTTPRoute, rolled
+    /// out with `topology` (the Gateway API CRDs installed first).
+    fn orders_only(topology: &str) -> Cluster {
+        let c = Cluster::new();
+        std::fs::remove_dir_all(c.repo().join("api")).unwrap();
+        std::fs::remove_dir_all(c.repo().join("web")).unwrap();
+        c.write("sluice.yaml", topology);
+        c.write(
+            "platform/platform.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
+        );
+        c.write("orders/orders.yaml", &orders("1.0.0"));
+        install_gateway_api(&c.fake);
+        c.commit("orders 1.0.0");
+        let out = c.sluice(&["apply"]);
+        assert_eq!(out.code, 0, "{}", out.all());
+        assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
+        c
+    }
+}
+
 /// Installs the Gateway API v1.4.0 CRDs (the upstream YAML) into the fake,
 /// as a cluster admin would before sluice manages routes.
 fn install_gateway_api(fake: &Fake) {
@@ -750,21 +772,7 @@ fn backend_refs(c: &Cluster) -> Vec<(String, u64)> {
 /// back on the baseline first.
 #[test]
 fn canaries_step_httproute_weights_and_are_judged_by_prometheus() {
-    let c = Cluster::new();
-    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
-    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
-    c.write("sluice.yaml", CANARY_TOPOLOGY);
-    c.write(
-        "platform/platform.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
-    );
-    c.write("orders/orders.yaml", &orders("1.0.0"));
-    install_gateway_api(&c.fake);
-    c.commit("orders 1.0.0");
-    let out = c.sluice(&["apply"]);
-    assert_eq!(out.code, 0, "{}", out.all());
-    assert_eq!(backend_refs(&c), [("orders".to_string(), 100)]);
-
+    let c = Cluster::orders_only(CANARY_TOPOLOGY);
     let gateway = Gateway::start(c.fake.clone());
     let prom = Prometheus::start(&format!("127.0.0.1:{}", gateway.port));
     let url = format!("http://127.0.0.1:{}", prom.port);
@@ -1019,21 +1027,7 @@ fn the_kubernetes_example_rolls_out_in_waves() {
 /// `orders`, the canary Deployment and Service gone, the old image live.
 #[test]
 fn a_crash_mid_canary_converges_to_a_whole_commit() {
-    let c = Cluster::new();
-    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
-    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
-    c.write(
-        "sluice.yaml",
-        &CANARY_TOPOLOGY.replace("interval: 3s", "interval: 4s"),
-    );
-    c.write(
-        "platform/platform.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
-    );
-    c.write("orders/orders.yaml", &orders("1.0.0"));
-    install_gateway_api(&c.fake);
-    c.commit("orders 1.0.0");
-    assert_eq!(c.sluice(&["apply"]).code, 0);
+    let c = Cluster::orders_only(&CANARY_TOPOLOGY.replace("interval: 3s", "interval: 4s"));
     c.write("orders/orders.yaml", &orders("2.0.0"));
     c.commit("orders 2.0.0");
     let mut cmd = c.command("apply", "state");
@@ -1075,25 +1069,13 @@ fn a_crash_mid_canary_converges_to_a_whole_commit() {
 /// served before the switch. A bad one gets the traffic switched back.
 #[test]
 fn bluegreen_switches_the_route_at_once_and_back_on_failure() {
-    let c = Cluster::new();
-    std::fs::remove_dir_all(c.repo().join("api")).unwrap();
-    std::fs::remove_dir_all(c.repo().join("web")).unwrap();
     let topology = CANARY_TOPOLOGY
         .replace("strategy: canary", "strategy: bluegreen\n    keepWarm: 1s")
         .replace(
             "    canary:\n      steps: [50, 100]\n      interval: 3s\n",
             "    canary:\n      interval: 3s\n",
         );
-    c.write("sluice.yaml", &topology);
-    c.write(
-        "platform/platform.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n",
-    );
-    c.write("orders/orders.yaml", &orders("1.0.0"));
-    install_gateway_api(&c.fake);
-    c.commit("orders 1.0.0");
-    let out = c.sluice(&["apply"]);
-    assert_eq!(out.code, 0, "{}", out.all());
+    let c = Cluster::orders_only(&topology);
     let gateway = Gateway::start(c.fake.clone());
     let prom = Prometheus::start(&format!("127.0.0.1:{}", gateway.port));
     let url = format!("http://127.0.0.1:{}", prom.port);

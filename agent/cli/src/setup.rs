@@ -264,12 +264,12 @@ impl KubeProvider {
         if let Some(c) = self.contexts.get(target) {
             return Some(c.clone());
         }
-        let path = self.kubeconfig.clone().or_else(|| {
-            std::env::var_os("KUBECONFIG")
-                .and_then(|v| std::env::split_paths(&v).next())
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
-        })?;
-        let kc = kube::config::Kubeconfig::read_from(path).ok()?;
+        // kube's own lookup ($KUBECONFIG, merged, else ~/.kube/config).
+        let kc = match &self.kubeconfig {
+            Some(path) => kube::config::Kubeconfig::read_from(path),
+            None => kube::config::Kubeconfig::read(),
+        }
+        .ok()?;
         kc.contexts
             .iter()
             .any(|c| c.name == target)

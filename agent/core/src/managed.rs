@@ -262,7 +262,10 @@ mod tests {
     fn an_object_sluice_never_applied_compares_by_the_manifest_only() {
         // Adopted: made by another tool, so sluice owns nothing on it yet.
         let (desired, live, _) = applied("13-ssa-deployment-create.json");
-        assert_eq!(diff(&project(&live, &desired, &json!({})), &desired, &[]), vec![]);
+        assert_eq!(
+            diff(&project(&live, &desired, &json!({})), &desired, &[]),
+            vec![]
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 /// A kind the fake serves: (group, version, kind, plural, namespaced).
@@ -1229,7 +1230,9 @@ fn apply(
     merge_applied(&mut obj, &body);
     if let Some(Value::Object(sd)) = string_data {
         for (k, v) in sd {
-            obj["data"][&k] = json!(b64(v.as_str().unwrap_or_default().as_bytes()));
+            obj["data"][&k] =
+                json!(base64::engine::general_purpose::STANDARD
+                    .encode(v.as_str().unwrap_or_default()));
         }
     }
     defaults(&t.2, &mut obj);
@@ -1304,27 +1307,6 @@ fn apply(
     let answer = obj.clone();
     run_controllers(inner, key);
     ok(if created { 201 } else { 200 }, answer)
-}
-
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn strip_meta(o: &Value) -> Value {
@@ -1709,7 +1691,7 @@ fn establish(inner: &mut Inner, key: &Key, mut obj: Value) {
     if obj["status"]["conditions"].is_array() {
         return;
     }
-    let now = now();
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let accepted = obj["spec"]["names"].clone();
     let update = json!({
         "acceptedNames": accepted,
@@ -1730,29 +1712,4 @@ fn establish(inner: &mut Inner, key: &Key, mut obj: Value) {
     inner.objects.insert(key.clone(), obj);
     let obj = render_managed(inner, key);
     inner.objects.insert(key.clone(), obj);
-}
-
-/// RFC 3339, seconds, UTC, from the system clock.
-fn now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
