@@ -3,15 +3,13 @@
 # downloads as well; this rule reports them with the plan, before anything.)
 package sluice.guardrails.artifacts
 
-import data.sluice.lib
-
 deny contains msg if {
-	lib.is_host
 	input.kind == "Process"
+	input.apiVersion == "sluice.dev/v1"
 	some a in input.spec.artifacts
 	a.url
 	not pinned(a)
-	msg := sprintf("%s: artifact %q is downloaded from %s without a sha256 digest", [lib.name, a.name, a.url])
+	msg := sprintf("%s/%s: artifact %q is downloaded from %s without a sha256 digest", [input.kind, input.metadata.name, a.name, a.url])
 }
 
 pinned(a) if {

@@ -3,7 +3,23 @@
 # the label sluice.dev/allow-mutable-tag: "true".
 package sluice.guardrails.images
 
-import data.sluice.lib
+deny contains msg if {
+	input.kind in data.sluice.guardrails.workload.kinds
+	some c in data.sluice.guardrails.workload.containers
+	mutable(c.image)
+	not allowed
+	msg := sprintf("%s/%s: container %q uses the mutable image %q; pin a version tag or a digest", [input.kind, input.metadata.name, c.name, c.image])
+}
+
+deny contains msg if {
+	input.kind == "Process"
+	input.apiVersion == "sluice.dev/v1"
+	input.spec.version == "latest"
+	not allowed
+	msg := sprintf("%s/%s: version \"latest\" is mutable; name the version that runs", [input.kind, input.metadata.name])
+}
+
+allowed if input.metadata.labels["sluice.dev/allow-mutable-tag"] == "true"
 
 mutable(image) if {
 	not contains(image, "@sha256:")
@@ -14,19 +30,4 @@ mutable(image) if {
 	not contains(image, "@")
 	parts := split(image, "/")
 	not contains(parts[count(parts) - 1], ":")
-}
-
-deny contains msg if {
-	not lib.allowed("mutable-tag")
-	some c in lib.containers
-	mutable(c.image)
-	msg := sprintf("%s: container %q uses the mutable image %q; pin a version tag or a digest", [lib.name, c.name, c.image])
-}
-
-deny contains msg if {
-	lib.is_host
-	input.kind == "Process"
-	not lib.allowed("mutable-tag")
-	input.spec.version == "latest"
-	msg := sprintf("%s: version \"latest\" is mutable; name the version that runs", [lib.name])
 }

@@ -1,20 +1,13 @@
-# Helpers for the default guardrails (and for yours: import data.sluice.lib).
+# Helpers for your policies: import data.sluice.lib.
 package sluice.lib
 
+import data.sluice.guardrails.workload
+
 # The pod spec of a workload, whatever kind wraps it.
-pod_spec := input.spec if input.kind == "Pod"
-
-pod_spec := input.spec.template.spec if {
-	input.kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "ReplicationController"}
-}
-
-pod_spec := input.spec.jobTemplate.spec.template.spec if input.kind == "CronJob"
+pod_spec := workload.pod_spec
 
 # Every container of the workload: init, regular and ephemeral.
-containers contains c if {
-	some field in ["initContainers", "containers", "ephemeralContainers"]
-	some c in pod_spec[field]
-}
+containers := workload.containers
 
 # A label `sluice.dev/allow-<what>: "true"` on the resource allows an exception.
 allowed(what) if input.metadata.labels[concat("", ["sluice.dev/allow-", what])] == "true"

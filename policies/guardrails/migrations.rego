@@ -5,10 +5,6 @@
 # Uses the change context (data.sluice.context) and the plan (data.sluice.plan).
 package sluice.guardrails.migrations
 
-import data.sluice.lib
-
-migration(r) if r.labels["sluice.dev/migration"] == "true"
-
 deny contains msg if {
 	input.metadata.labels["sluice.dev/migration"] == "true"
 	ctx := data.sluice.context
@@ -16,8 +12,10 @@ deny contains msg if {
 	not migration(other)
 	other.target == ctx.target
 	depends_on_migration(other.service, ctx)
-	msg := sprintf("%s: schema migration rolls in wave %d together with %s/%s of service %q, which depends on it; move the migration to its own service and make %q dependsOn it", [lib.name, ctx.wave.index + 1, other.kind, other.name, other.service, other.service])
+	msg := sprintf("%s/%s: schema migration rolls in wave %d together with %s/%s of service %q, which depends on it; move the migration to its own service and make %q dependsOn it", [input.kind, input.metadata.name, ctx.wave.index + 1, other.kind, other.name, other.service, other.service])
 }
+
+migration(r) if r.labels["sluice.dev/migration"] == "true"
 
 depends_on_migration(service, ctx) if service == ctx.service
 

@@ -2,25 +2,28 @@
 # Allow with the label sluice.dev/allow-privileged: "true".
 package sluice.guardrails.privileged
 
-import data.sluice.lib
-
 deny contains msg if {
-	not lib.allowed("privileged")
-	some c in lib.containers
+	input.kind in data.sluice.guardrails.workload.kinds
+	some c in data.sluice.guardrails.workload.containers
 	c.securityContext.privileged == true
-	msg := sprintf("%s: container %q is privileged", [lib.name, c.name])
+	not allowed
+	msg := sprintf("%s/%s: container %q is privileged", [input.kind, input.metadata.name, c.name])
 }
 
 deny contains msg if {
-	not lib.allowed("privileged")
-	some c in lib.containers
+	input.kind in data.sluice.guardrails.workload.kinds
+	some c in data.sluice.guardrails.workload.containers
 	some cap in c.securityContext.capabilities.add
 	upper(cap) in {"SYS_ADMIN", "CAP_SYS_ADMIN", "ALL"}
-	msg := sprintf("%s: container %q adds the capability %s", [lib.name, c.name, cap])
+	not allowed
+	msg := sprintf("%s/%s: container %q adds the capability %s", [input.kind, input.metadata.name, c.name, cap])
 }
 
 warn contains msg if {
-	not lib.allowed("privileged")
-	lib.pod_spec.hostNetwork == true
-	msg := sprintf("%s: uses the host's network namespace", [lib.name])
+	input.kind in data.sluice.guardrails.workload.kinds
+	data.sluice.guardrails.workload.pod_spec.hostNetwork == true
+	not allowed
+	msg := sprintf("%s/%s: uses the host's network namespace", [input.kind, input.metadata.name])
 }
+
+allowed if input.metadata.labels["sluice.dev/allow-privileged"] == "true"

@@ -3,19 +3,21 @@
 # sluice.dev/allow-no-limits: "true".
 package sluice.guardrails.resources
 
-import data.sluice.lib
-
 deny contains msg if {
-	not lib.allowed("no-limits")
-	some c in lib.containers
+	input.kind in data.sluice.guardrails.workload.kinds
+	some c in data.sluice.guardrails.workload.containers
 	not c.resources.limits.memory
-	msg := sprintf("%s: container %q has no memory limit (resources.limits.memory)", [lib.name, c.name])
+	not allowed
+	msg := sprintf("%s/%s: container %q has no memory limit (resources.limits.memory)", [input.kind, input.metadata.name, c.name])
 }
 
 warn contains msg if {
-	not lib.allowed("no-limits")
-	some c in lib.containers
+	input.kind in data.sluice.guardrails.workload.kinds
+	some c in data.sluice.guardrails.workload.containers
 	not c.resources.limits.cpu
 	not c.resources.requests.cpu
-	msg := sprintf("%s: container %q has neither a CPU request nor a CPU limit", [lib.name, c.name])
+	not allowed
+	msg := sprintf("%s/%s: container %q has neither a CPU request nor a CPU limit", [input.kind, input.metadata.name, c.name])
 }
+
+allowed if input.metadata.labels["sluice.dev/allow-no-limits"] == "true"

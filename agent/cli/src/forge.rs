@@ -263,7 +263,7 @@ pub async fn post_report(
         Ok(report) => {
             let body = crate::output::report_markdown(&report);
             let id = forge.upsert_report(pr, &body).await?;
-            let denies = report.policy.denies().count();
+            let denies = report.guard.denies().count();
             if denies > 0 {
                 let description = format!("{denies} policy deny: this change will not be applied");
                 forge.set_status(&sha, State::Failure, &description).await?;

@@ -292,11 +292,29 @@ enum PolicyCommand {
     },
 }
 
+/// Errors are printed with their messages, never their backtraces, so
+/// capturing one is wasted work: with `RUST_BACKTRACE=1` set (as many
+/// users have it) every error a library creates, even one it handles
+/// itself, would walk the stack. The standard library reads
+/// `RUST_LIB_BACKTRACE` once, on the first capture; it is set for that
+/// moment only and put back, so no process sluice starts inherits it.
+/// Panics keep printing their backtraces: they read `RUST_BACKTRACE`.
+fn library_backtraces_off() {
+    let previous = std::env::var_os("RUST_LIB_BACKTRACE");
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    drop(std::backtrace::Backtrace::capture());
+    match previous {
+        Some(v) => std::env::set_var("RUST_LIB_BACKTRACE", v),
+        None => std::env::remove_var("RUST_LIB_BACKTRACE"),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     sluice_core::model::duration::parse(s)
 }
 
 fn main() -> ExitCode {
+    library_backtraces_off();
     let cli = Cli::parse();
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
@@ -457,7 +475,7 @@ async fn plan(
     let prepared = engine.prepare(&revision).await?;
     output::plan(common.output, &prepared.plan);
     if common.output != Format::Json {
-        output::policy_findings(common.output, &prepared.policy);
+        output::policy_findings(common.output, &prepared.guard);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -477,12 +495,39 @@ async fn revision(
     }
 }
 
+/// Offline: no target is contacted and no state is read or written. The
+/// commit comes from `--repo` through a private mirror (the state dir's,
+/// if `--state-dir` is given), so a CI job on a pull request needs nothing
+/// else.
 async fn policy_test(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> {
-    let engine = setup::engine(&common)?;
-    let revision = revision(&engine, rev.as_deref()).await?;
-    let prepared = engine.prepare(&revision).await?;
-    output::policy_test(common.output, &prepared);
-    Ok(if prepared.policy.is_denied() {
+    use sluice_core::source::Source as _;
+    let scratch;
+    let cache = match &common.state_dir {
+        Some(dir) => dir.join("git"),
+        None => {
+            scratch = tempfile::tempdir()
+                .map_err(|e| setup::ConfigError(format!("a scratch folder for the mirror: {e}")))?;
+            scratch.path().join("git")
+        }
+    };
+    let source = setup::source(&common, cache)?;
+    let revision = match rev {
+        Some(r) => {
+            source.poll().await.ok();
+            source.resolve(&r).await.map_err(EngineError::from)?
+        }
+        None => source.poll().await.map_err(EngineError::from)?,
+    };
+    let snapshot = source
+        .snapshot(&revision.commit, &sluice_core::source::Limits::default())
+        .await
+        .map_err(EngineError::from)?;
+    let checked = tokio::task::spawn_blocking(move || {
+        sluice_core::engine::check(&snapshot, &sluice_kube::kustomize::Kubectl)
+    })
+    .await??;
+    output::policy_test(common.output, &checked);
+    Ok(if checked.guard.is_denied() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -608,7 +653,7 @@ async fn flags(common: Common, rev: Option<String>) -> anyhow::Result<ExitCode> 
         commit: commit.clone(),
         source,
     };
-    let topology = sluice_core::render::load_topology(&snapshot).map_err(render_err)?;
+    let topology = sluice_core::topology::load(&snapshot).map_err(render_err)?;
     let flags = sluice_core::render::load_flags(&snapshot, &topology).map_err(render_err)?;
     output::flags(
         common.output,

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use chrono::Utc;
 use serde_json::json;
 use sluice_core::engine::{Reconciled, Status};
+use sluice_core::guard::{self, Level};
 use sluice_core::plan::{to_text, Plan};
-use sluice_core::policy::{Level, PolicyReport};
 use sluice_core::store::{HistoryEntry, HistoryKind, Outcome};
 
 use crate::Format;
@@ -623,14 +623,20 @@ pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
         let names: Vec<String> = r.expired_flags.iter().map(|f| md_escape(f)).collect();
         let _ = writeln!(s, "- **Expired feature flags:** {}", names.join("; "));
     }
-    let denies: Vec<_> = r.policy.denies().collect();
-    let warnings: Vec<_> = r.policy.warnings().collect();
+    let denies: Vec<_> = r.guard.denies().collect();
+    let warnings: Vec<_> = r.guard.warnings().collect();
+    let exceptions: Vec<_> = r.guard.exceptions().collect();
     if denies.is_empty() && warnings.is_empty() {
         let _ = writeln!(
             s,
-            "- **Policies:** passed ({} modules over {} resources and documents)\n",
-            r.policy.modules.len(),
-            r.policy.evaluated
+            "- **Policies:** passed ({} tests of {} modules over {} resources and documents{})\n",
+            r.guard.tests,
+            r.guard.modules.len(),
+            r.guard.evaluated,
+            match r.guard.exceptions().count() {
+                0 => String::new(),
+                n => format!("; {n} exception{}", if n == 1 { "" } else { "s" }),
+            }
         );
     } else {
         let _ = writeln!(
@@ -644,13 +650,14 @@ pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
                 " — **this change will not be applied until every deny is fixed**"
             }
         );
-        for f in denies.iter().chain(&warnings) {
+        for f in denies.iter().chain(&warnings).chain(&exceptions) {
             let _ = writeln!(
                 s,
                 "  - {} `{}` {}: {}",
                 match f.level {
                     Level::Deny => "⛔ deny",
                     Level::Warn => "⚠️ warn",
+                    Level::Exception => "➖ exception",
                 },
                 md_escape(&f.resource).replace('`', ""),
                 md_escape(&f.rule),
@@ -776,67 +783,79 @@ pub fn flags(
 }
 
 /// Guardrail findings after a plan (text and markdown).
-pub fn policy_findings(format: Format, report: &PolicyReport) {
-    let findings: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
-    if findings.is_empty() {
+pub fn policy_findings(format: Format, report: &guard::Report) {
+    if report.findings.is_empty() && report.notes.is_empty() {
         return;
     }
     match format {
         Format::Markdown => {
-            println!("\n**Policy findings**\n");
-            for f in findings {
-                println!("- {}", md_escape(&f));
+            println!("\n**Policy findings** ({})\n", report.summary());
+            for f in &report.findings {
+                println!("- {}", md_escape(&f.to_string()));
+            }
+            for n in &report.notes {
+                println!("- note: {}", md_escape(n));
             }
         }
         _ => {
-            println!("\nPolicy findings:");
-            for f in findings {
+            println!("\nPolicy findings ({}):", report.summary());
+            for f in &report.findings {
                 println!("  {f}");
+            }
+            for n in &report.notes {
+                println!("  note: {n}");
             }
         }
     }
 }
 
-/// `sluice policy test`: the rollout each service gets, and the findings.
-pub fn policy_test(format: Format, prepared: &sluice_core::engine::Prepared) {
-    let topo = &prepared.rendered.topology;
-    let report = &prepared.policy;
-    let pack = &prepared.rendered.policy;
+/// `sluice policy test`: the rollout each service gets, and every finding
+/// as conftest prints them.
+pub fn policy_test(format: Format, checked: &sluice_core::engine::Checked) {
+    let topo = &checked.rendered.topology;
+    let report = &checked.guard;
     if format == Format::Json {
         let rollouts: std::collections::BTreeMap<&String, _> =
             topo.services.iter().map(|(n, d)| (n, &d.rollout)).collect();
         print_json(&json!({
-            "commit": prepared.plan.revision.commit,
+            "commit": checked.plan.revision.commit,
             "denied": report.is_denied(),
             "findings": report.findings,
             "evaluated": report.evaluated,
+            "tests": report.tests,
+            "passed": report.passed,
+            "dropped": report.dropped,
+            "notes": report.notes,
             "modules": report.modules,
-            "rolloutFromRepository": pack.rollout_from_repository,
+            "rolloutFromRepository": topo.rollout_from_repository,
             "rollouts": rollouts,
             "waveLimit": topo.wave_limit.map(|w| w.to_string()),
         }));
         return;
     }
+    let shipped = report
+        .modules
+        .iter()
+        .filter(|m| m.origin == guard::Origin::Shipped)
+        .count();
     println!(
-        "commit {}: {} module(s) evaluated over {} resource(s) and document(s); rollout policy: {}",
-        prepared.plan.revision.commit.short(),
+        "commit {}: {} module(s) ({shipped} shipped, {} from the repository) over {} input(s); rollout defaults: {}",
+        checked.plan.revision.commit.short(),
         report.modules.len(),
+        report.modules.len() - shipped,
         report.evaluated,
-        if pack.rollout_from_repository {
-            "shipped defaults + policies/rollout.yaml"
+        if topo.rollout_from_repository {
+            "shipped + policies/rollout.yaml"
         } else {
-            "shipped defaults"
+            "shipped"
         }
     );
-    for m in &report.modules {
-        println!(
-            "  {} ({})",
-            m.path,
-            match m.origin {
-                sluice_core::policy::Origin::Default => "shipped",
-                sluice_core::policy::Origin::Repository => "repository",
-            }
-        );
+    for m in report
+        .modules
+        .iter()
+        .filter(|m| m.origin == guard::Origin::Repository)
+    {
+        println!("  {} (repository)", m.path);
     }
     println!("\nRollout per service:");
     for (name, d) in &topo.services {
@@ -845,8 +864,8 @@ pub fn policy_test(format: Format, prepared: &sluice_core::engine::Prepared) {
             "  {name:<16} {:<9} {:<9} soak {:<6} gate timeout {:<6}",
             format!("{:?}", r.criticality).to_lowercase(),
             format!("{:?}", r.strategy).to_lowercase(),
-            sluice_core::model::duration::format(r.soak),
-            sluice_core::model::duration::format(r.gate_timeout),
+            sluice_core::duration::format(r.soak),
+            sluice_core::duration::format(r.gate_timeout),
         );
         match r.strategy {
             sluice_core::model::Strategy::Canary => {
@@ -854,7 +873,7 @@ pub fn policy_test(format: Format, prepared: &sluice_core::engine::Prepared) {
                     line,
                     " steps {:?} every {}, errors <= {}x baseline, min {} requests, inconclusive: {:?}",
                     r.canary.steps,
-                    sluice_core::model::duration::format(r.canary.interval),
+                    sluice_core::duration::format(r.canary.interval),
                     r.analysis.max_error_ratio,
                     r.analysis.min_requests,
                     r.inconclusive
@@ -867,29 +886,30 @@ pub fn policy_test(format: Format, prepared: &sluice_core::engine::Prepared) {
                 let _ = write!(
                     line,
                     " keep warm {}",
-                    sluice_core::model::duration::format(r.keep_warm)
+                    sluice_core::duration::format(r.keep_warm)
                 );
             }
             sluice_core::model::Strategy::Recreate => {}
         }
         println!("{}", line.trim_end());
     }
-    let denies = report.denies().count();
-    let warns = report.warnings().count();
-    if report.findings.is_empty() {
-        println!("\nno findings");
-    } else {
+    println!();
+    for f in &report.findings {
+        println!("{f}");
+    }
+    if report.dropped > 0 {
+        println!("... and {} more", report.dropped);
+    }
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+    if !report.findings.is_empty() || !report.notes.is_empty() {
         println!();
-        for f in &report.findings {
-            println!("{f}");
-        }
-        if report.dropped > 0 {
-            println!("... and {} more", report.dropped);
-        }
     }
     println!(
-        "\npolicy: {denies} deny, {warns} warning(s){}",
-        if denies > 0 {
+        "{}{}",
+        report.summary(),
+        if report.is_denied() {
             ": this commit would not be applied"
         } else {
             ""

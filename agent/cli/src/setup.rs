@@ -59,21 +59,26 @@ pub fn store(common: &Common) -> Result<FileStore, ConfigError> {
     FileStore::open(&dir).map_err(|e| ConfigError(format!("--state-dir: {e}")))
 }
 
+/// The git source of `--repo`, keeping its mirror in `cache_dir`.
+pub fn source(common: &Common, cache_dir: PathBuf) -> Result<GitSource, ConfigError> {
+    let (url, path) = locate(&common.repo, &common.path)?;
+    let auth = auth(common)?;
+    GitSource::new(GitConfig {
+        url,
+        branch: common.branch.clone(),
+        path,
+        cache_dir,
+        auth,
+        allow_insecure: common.allow_insecure,
+    })
+    .map_err(|e| ConfigError(format!("--repo: {e}")))
+}
+
 /// The engine over git, the host target and the file store.
 pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
     let dir = state_dir(common);
     let store = store(common)?;
-    let (url, path) = locate(&common.repo, &common.path)?;
-    let auth = auth(common)?;
-    let source = GitSource::new(GitConfig {
-        url,
-        branch: common.branch.clone(),
-        path,
-        cache_dir: dir.join("git"),
-        auth,
-        allow_insecure: common.allow_insecure,
-    })
-    .map_err(|e| ConfigError(format!("--repo: {e}")))?;
+    let source = source(common, dir.join("git"))?;
     let exe = std::env::current_exe()
         .map_err(|e| ConfigError(format!("locating the sluice binary: {e}")))?;
     let mut contexts = BTreeMap::new();

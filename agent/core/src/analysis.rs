@@ -12,8 +12,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Criticality;
-
 /// What one version served during an interval.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -52,11 +50,11 @@ pub struct Criteria {
 }
 
 impl Criteria {
-    /// The defaults: critical services fail above 1.2x the baseline's error
-    /// rate, others above 1.5x.
-    pub fn for_criticality(c: Criticality) -> Self {
+    /// The shipped defaults with this error ratio (critical services use
+    /// 1.2, others 1.5).
+    pub fn with_ratio(max_error_ratio: f64) -> Self {
         Criteria {
-            max_error_ratio: if c == Criticality::Critical { 1.2 } else { 1.5 },
+            max_error_ratio,
             error_rate_floor: 0.01,
             min_requests: 50,
             max_p95_increase: 0.1,
@@ -253,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_canary_returning_5_percent_errors_fails() {
-        let c = Criteria::for_criticality(Criticality::Standard);
+        let c = Criteria::with_ratio(1.5);
         let j = judge(&c, &sample(1000, 2, 0.02), &sample(200, 10, 0.02));
         assert!(
             matches!(&j, Judgement::Fail { metric, .. } if metric == "error-rate"),
@@ -266,26 +264,18 @@ mod tests {
         // 1.3x the baseline: fails for critical (1.2x), passes for standard (1.5x).
         let (b, canary) = (sample(20_000, 400, 0.02), sample(20_000, 520, 0.02));
         assert!(matches!(
-            judge(
-                &Criteria::for_criticality(Criticality::Critical),
-                &b,
-                &canary
-            ),
+            judge(&Criteria::with_ratio(1.2), &b, &canary),
             Judgement::Fail { .. }
         ));
         assert!(matches!(
-            judge(
-                &Criteria::for_criticality(Criticality::Standard),
-                &b,
-                &canary
-            ),
+            judge(&Criteria::with_ratio(1.5), &b, &canary),
             Judgement::Pass { .. }
         ));
     }
 
     #[test]
     fn zero_versus_one_error_is_no_failure() {
-        let c = Criteria::for_criticality(Criticality::Critical);
+        let c = Criteria::with_ratio(1.2);
         assert!(matches!(
             judge(&c, &sample(100, 0, 0.02), &sample(100, 1, 0.02)),
             Judgement::Pass { .. }
@@ -294,7 +284,7 @@ mod tests {
 
     #[test]
     fn a_release_200ms_slower_fails_on_latency() {
-        let c = Criteria::for_criticality(Criticality::Standard);
+        let c = Criteria::with_ratio(1.5);
         let j = judge(&c, &sample(300, 0, 0.020), &sample(300, 0, 0.220));
         assert!(
             matches!(&j, Judgement::Fail { metric, .. } if metric.starts_with("latency")),
@@ -306,7 +296,7 @@ mod tests {
 
     #[test]
     fn low_traffic_is_inconclusive() {
-        let c = Criteria::for_criticality(Criticality::Standard);
+        let c = Criteria::with_ratio(1.5);
         assert!(matches!(
             judge(&c, &sample(1000, 0, 0.02), &sample(10, 5, 0.5)),
             Judgement::Inconclusive { .. }

@@ -27,9 +27,9 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::gate::{Gate, GateContext, GateFactory, HealthGate, Verdict};
+use crate::guard::{self, GuardError};
 use crate::model::{TargetDef, TargetKind, Topology};
 use crate::plan::{plan, Action, Inventory, Plan};
-use crate::policy::PolicyReport;
 use crate::render::{render_with, RenderError, Rendered};
 use crate::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use crate::source::{CommitId, Limits, Revision, Source, SourceError};
@@ -59,6 +59,13 @@ pub enum EngineError {
     Gate { wave: usize, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The commit's policies cannot be compiled or evaluated.
+    #[error("commit {commit}: policies: {source}")]
+    Guard {
+        commit: String,
+        #[source]
+        source: Box<GuardError>,
+    },
     #[error("commit {commit} is denied by policy; nothing applied:\n  {}", .denies.join("\n  "))]
     Denied { commit: String, denies: Vec<String> },
 }
@@ -69,6 +76,7 @@ impl EngineError {
     pub fn is_bad_input(&self) -> bool {
         match self {
             EngineError::Render { .. }
+            | EngineError::Guard { .. }
             | EngineError::Unsupported { .. }
             | EngineError::Denied { .. } => true,
             EngineError::Source(e) => matches!(
@@ -126,7 +134,7 @@ pub struct Prepared {
     pub inventory: Inventory,
     pub plan: Plan,
     /// The guardrails' findings (not evaluated for reverts).
-    pub policy: PolicyReport,
+    pub guard: guard::Report,
 }
 
 /// Per target and resource, what `sluice status` shows.
@@ -161,7 +169,7 @@ pub struct PrReport {
     /// Feature flags of head past their expiry date.
     pub expired_flags: Vec<String>,
     /// Head's guardrail findings: a deny blocks the merge's rollout.
-    pub policy: PolicyReport,
+    pub guard: guard::Report,
 }
 
 /// Drift of one target against the commit applied to it.
@@ -191,6 +199,50 @@ pub enum DriftKind {
     Modified,
     /// Deleted (or stopped) by hand.
     Missing,
+}
+
+/// A commit checked offline: rendered, planned against an empty system
+/// (every resource a create, waves as the dependency order gives them) and
+/// judged by its guardrails. No target, no state.
+pub struct Checked {
+    pub rendered: Rendered,
+    pub plan: Plan,
+    pub guard: guard::Report,
+}
+
+/// What `sluice policy test` does: the guard stage of one commit, with
+/// nothing but the commit's files. Errors are bad input.
+pub fn check(
+    snapshot: &crate::source::Snapshot,
+    kustomize: &dyn crate::render::Kustomize,
+) -> Result<Checked, EngineError> {
+    let commit = snapshot.revision.commit.to_string();
+    let render_err = |source| EngineError::Render {
+        commit: commit.clone(),
+        source,
+    };
+    let guard_err = |source| EngineError::Guard {
+        commit: commit.clone(),
+        source: Box::new(source),
+    };
+    let rendered = render_with(snapshot, kustomize).map_err(render_err)?;
+    let plan = plan(
+        &rendered.topology,
+        &rendered.desired,
+        &BTreeMap::new(),
+        &Inventory::new(),
+    )
+    .map_err(render_err)?;
+    let pack = guard::Pack::load(snapshot, &rendered.topology.policies).map_err(guard_err)?;
+    let report = pack
+        .compile()
+        .and_then(|c| guard::evaluate(&c, &guard::Input::new(&rendered, &plan)))
+        .map_err(guard_err)?;
+    Ok(Checked {
+        rendered,
+        plan,
+        guard: report,
+    })
 }
 
 pub struct Engine {
@@ -251,15 +303,25 @@ impl Engine {
                 source,
             }
         })?;
+        let pack = guard::Pack::load(&snapshot, &rendered.topology.policies).map_err(|source| {
+            EngineError::Guard {
+                commit: revision.commit.to_string(),
+                source: Box::new(source),
+            }
+        })?;
         let state = self.store.load()?;
-        self.prepare_rendered(rendered, &state, None).await
+        self.prepare_rendered(rendered, &state, None, Some(&pack))
+            .await
     }
 
+    /// Observes and plans a rendered commit; evaluates `pack` over it
+    /// (None for reverts: they go back to a commit that ran).
     async fn prepare_rendered(
         &self,
         mut rendered: Rendered,
         state: &AgentState,
         only: Option<&BTreeSet<String>>,
+        pack: Option<&guard::Pack>,
     ) -> Result<Prepared, EngineError> {
         if let Some(only) = only {
             rendered
@@ -297,24 +359,23 @@ impl Engine {
                     source,
                 }
             })?;
-        // Reverts go back to a commit that ran; only new rollouts are judged.
-        let policy =
-            match only {
-                Some(_) => PolicyReport::default(),
-                None => crate::policy::evaluate(&rendered.policy, &rendered, &plan).map_err(
-                    |source| EngineError::Render {
-                        commit: rendered.desired.revision.commit.to_string(),
-                        source,
-                    },
-                )?,
-            };
+        let guard = match pack {
+            None => guard::Report::default(),
+            Some(pack) => pack
+                .compile()
+                .and_then(|c| guard::evaluate(&c, &guard::Input::new(&rendered, &plan)))
+                .map_err(|source| EngineError::Guard {
+                    commit: rendered.desired.revision.commit.to_string(),
+                    source: Box::new(source),
+                })?,
+        };
         Ok(Prepared {
             rendered,
             targets,
             live,
             inventory,
             plan,
-            policy,
+            guard,
         })
     }
 
@@ -370,10 +431,10 @@ impl Engine {
             return Ok(Reconciled::UpToDate { revision });
         }
         let prepared = match self.prepare(&revision).await.and_then(|p| {
-            if p.policy.is_denied() {
+            if p.guard.is_denied() {
                 return Err(EngineError::Denied {
                     commit: revision.commit.to_string(),
-                    denies: p.policy.denies().map(|f| f.to_string()).collect(),
+                    denies: p.guard.denies().map(|f| f.to_string()).collect(),
                 });
             }
             Ok(p)
@@ -387,7 +448,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        for w in prepared.policy.warnings() {
+        for w in prepared.guard.warnings() {
             warn!(commit = %revision.commit, resource = %w.resource, rule = %w.rule, message = %w.message, "policy warning");
         }
         if prepared.plan.is_empty() && resuming.is_none() {
@@ -843,7 +904,9 @@ impl Engine {
         })?;
         let only: BTreeSet<String> = targets.iter().cloned().collect();
         let state = self.store.load()?;
-        let mut prepared = self.prepare_rendered(rendered, &state, Some(&only)).await?;
+        let mut prepared = self
+            .prepare_rendered(rendered, &state, Some(&only), None)
+            .await?;
         prepared.plan.waves.reverse();
         info!(commit = %commit, waves = prepared.plan.waves.len(), "reverting");
         let started = Instant::now();
@@ -1013,7 +1076,9 @@ impl Engine {
                 }
             })?;
             let only: BTreeSet<String> = [name.clone()].into();
-            let prepared = self.prepare_rendered(rendered, &state, Some(&only)).await?;
+            let prepared = self
+                .prepare_rendered(rendered, &state, Some(&only), None)
+                .await?;
             let items: Vec<DriftItem> = prepared
                 .plan
                 .changes()
@@ -1171,7 +1236,7 @@ impl Engine {
             against_base,
             drift_overwritten: drift,
             expired_flags,
-            policy: live_plan.policy,
+            guard: live_plan.guard,
         })
     }
 

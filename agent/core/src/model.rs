@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The name of the topology file at the root of the watched path.
 pub const TOPOLOGY_FILE: &str = "sluice.yaml";
@@ -28,10 +28,49 @@ pub struct Topology {
     /// Sync windows: when rollouts may run (reverts always may).
     #[serde(default)]
     pub windows: Vec<crate::window::Window>,
+    /// Guardrail settings (which policy packages run, and how).
+    #[serde(default)]
+    pub policies: PolicySettings,
     /// Share of a ring's targets per wave (from the policy; filled in by
     /// render).
     #[serde(skip)]
-    pub wave_limit: Option<crate::policy::Share>,
+    pub wave_limit: Option<Share>,
+    /// Whether the rollout defaults include the repository's
+    /// `policies/rollout.yaml` (filled in where the topology is loaded).
+    #[serde(skip)]
+    pub rollout_from_repository: bool,
+}
+
+/// `policies:` in `sluice.yaml`: which packages of the repository's Rego
+/// policies run, and on what input, as conftest's `--namespace`,
+/// `--all-namespaces` and `--combine` choose them. The shipped guardrails
+/// (`sluice.guardrails.*`) always run, once per document.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicySettings {
+    /// Packages evaluated once per rendered document (conftest's default
+    /// namespace is `main`); `"*"` selects every package.
+    #[serde(default = "PolicySettings::default_namespaces")]
+    pub namespaces: Vec<String>,
+    /// Packages evaluated once per target, with every document rendered for
+    /// it as one input (conftest `--combine`), for rules across resources.
+    #[serde(default)]
+    pub combine: Vec<String>,
+}
+
+impl PolicySettings {
+    fn default_namespaces() -> Vec<String> {
+        vec!["main".to_string()]
+    }
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        PolicySettings {
+            namespaces: Self::default_namespaces(),
+            combine: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -116,14 +155,14 @@ pub struct ServiceDef {
     pub analysis: Option<AnalysisOverride>,
     /// Rolling: replicas replaced per batch (`1`, `25%`).
     #[serde(default)]
-    pub max_unavailable: Option<crate::policy::Share>,
+    pub max_unavailable: Option<Share>,
     /// Blue-green: how long the old version stays warm after the switch.
     #[serde(default, with = "duration::option")]
     pub keep_warm: Option<Duration>,
     /// The rollout as decided by these fields, `defaults:` and the policy
     /// (filled in by render; never read from the file).
     #[serde(skip)]
-    pub rollout: crate::policy::Rollout,
+    pub rollout: Rollout,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -149,7 +188,7 @@ pub struct AnalysisOverride {
     #[serde(default, with = "duration::option")]
     pub max_p99_increase: Option<Duration>,
     #[serde(default)]
-    pub inconclusive: Option<crate::policy::Inconclusive>,
+    pub inconclusive: Option<Inconclusive>,
     #[serde(default, with = "duration::option")]
     pub hold_timeout: Option<Duration>,
 }
@@ -389,85 +428,146 @@ pub struct RouteSpec {
     pub process: String,
 }
 
-/// Durations as `100ms`, `5s`, `2m`, `1h` (or a bare number of seconds).
-pub mod duration {
-    use std::time::Duration;
+/// A count or a percentage (`3`, `"25%"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Share {
+    Count(u32),
+    Percent(u32),
+}
 
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
-        let secs = match unit {
-            "ms" => n / 1000.0,
-            "" | "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+impl Share {
+    /// How many of `total`: a percentage rounds down but never below one.
+    pub fn of(self, total: usize) -> usize {
+        let n = match self {
+            Share::Count(n) => n as usize,
+            Share::Percent(p) => total * p as usize / 100,
         };
-        if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
-            return Err(format!("duration {s:?} out of range"));
-        }
-        Ok(Duration::from_secs_f64(secs))
+        n.clamp(1, total.max(1))
     }
+}
 
-    pub fn format(d: Duration) -> String {
-        let ms = d.as_millis();
-        if !ms.is_multiple_of(1000) {
-            format!("{ms}ms")
-        } else if !ms.is_multiple_of(60_000) || ms == 0 {
-            format!("{}s", ms / 1000)
-        } else {
-            format!("{}m", ms / 60_000)
-        }
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Num(f64),
-        Str(String),
-    }
-
-    fn from_raw(raw: Raw) -> Result<Duration, String> {
-        match raw {
-            Raw::Num(n) => parse(&n.to_string()),
-            Raw::Str(s) => parse(&s),
-        }
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        from_raw(Raw::deserialize(d)?).map_err(D::Error::custom)
-    }
-
-    pub mod option {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match d {
-                Some(d) => super::serialize(d, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            Option::<Raw>::deserialize(d)?
-                .map(from_raw)
-                .transpose()
-                .map_err(D::Error::custom)
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Share::Count(n) => write!(f, "{n}"),
+            Share::Percent(p) => write!(f, "{p}%"),
         }
     }
 }
+
+impl Serialize for Share {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Share::Count(n) => s.serialize_u32(*n),
+            Share::Percent(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(0) => Err(D::Error::custom("must be at least 1")),
+            Raw::N(n) => Ok(Share::Count(n)),
+            Raw::S(s) => {
+                let p = s
+                    .trim()
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                    .filter(|p| (1..=100).contains(p))
+                    .ok_or_else(|| {
+                        D::Error::custom(format!(
+                            "{s:?}: expected a count (3) or a percentage from 1% to 100%"
+                        ))
+                    })?;
+                Ok(Share::Percent(p))
+            }
+        }
+    }
+}
+
+/// What an analysis still inconclusive at the end of a step does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inconclusive {
+    /// Abort: traffic back on the baseline, then revert.
+    #[default]
+    Fail,
+    /// Stay at the step (the canary keeps its share) until enough traffic
+    /// decides, for at most the hold timeout; then fail.
+    Hold,
+}
+
+/// Canary steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CanarySettings {
+    /// The canary's share of traffic at each step, in percent, rising to 100.
+    pub steps: Vec<u8>,
+    /// How long each step is held and judged.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+/// How one service rolls out, fully resolved before the rollout starts:
+/// the service's own fields, then `sluice.yaml` defaults, then the policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    pub strategy: Strategy,
+    pub criticality: Criticality,
+    #[serde(with = "duration")]
+    pub soak: Duration,
+    #[serde(with = "duration")]
+    pub gate_timeout: Duration,
+    pub canary: CanarySettings,
+    pub analysis: crate::analysis::Criteria,
+    pub inconclusive: Inconclusive,
+    #[serde(with = "duration")]
+    pub hold_timeout: Duration,
+    pub max_unavailable: Share,
+    #[serde(with = "duration")]
+    pub keep_warm: Duration,
+}
+
+impl Default for Rollout {
+    /// The shipped rollout policy's answer for a standard service (the
+    /// rollout module's tests keep the two equal); only reached when a
+    /// topology is built by hand.
+    fn default() -> Self {
+        Rollout {
+            strategy: Strategy::Rolling,
+            criticality: Criticality::Standard,
+            soak: Duration::ZERO,
+            gate_timeout: Duration::from_secs(300),
+            canary: CanarySettings {
+                steps: vec![5, 25, 50, 100],
+                interval: Duration::from_secs(60),
+            },
+            analysis: crate::analysis::Criteria {
+                max_error_ratio: 1.5,
+                error_rate_floor: 0.01,
+                min_requests: 50,
+                max_p95_increase: 0.1,
+                max_p99_increase: 0.15,
+                alpha: 0.05,
+            },
+            inconclusive: Inconclusive::Fail,
+            hold_timeout: Duration::from_secs(1800),
+            max_unavailable: Share::Percent(25),
+            keep_warm: Duration::from_secs(60),
+        }
+    }
+}
+
+pub use crate::duration;
 
 #[cfg(test)]
 mod tests {

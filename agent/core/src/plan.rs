@@ -27,10 +27,11 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::diff::{diff, FieldChange};
+use crate::error::RenderError;
 use crate::model::{Strategy, Topology};
-use crate::render::find_cycle;
 use crate::resource::{DesiredState, Health, LiveResource, ResourceId};
 use crate::source::Revision;
+use crate::topology::{find_cycle, levels};
 
 /// What will happen to one resource.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,33 +112,6 @@ impl Plan {
 /// What the inventory knows of a resource sluice created.
 pub type Inventory = BTreeMap<ResourceId, String>;
 
-/// Dependency level of every service.
-pub fn levels(topology: &Topology) -> BTreeMap<String, usize> {
-    fn level(t: &Topology, s: &str, memo: &mut BTreeMap<String, usize>, depth: usize) -> usize {
-        if let Some(l) = memo.get(s) {
-            return *l;
-        }
-        // Cycles are refused by render; the depth cap only keeps a
-        // hand-built topology from recursing forever.
-        let l = match t.services.get(s) {
-            Some(def) if depth < 1024 => def
-                .depends_on
-                .iter()
-                .map(|d| level(t, d, memo, depth + 1) + 1)
-                .max()
-                .unwrap_or(0),
-            _ => 0,
-        };
-        memo.insert(s.to_string(), l);
-        l
-    }
-    let mut memo = BTreeMap::new();
-    for s in topology.services.keys() {
-        level(topology, s, &mut memo, 0);
-    }
-    memo
-}
-
 /// Compares `desired` with `live` and orders the differences into waves.
 ///
 /// `live` holds what the targets observed for the desired resources and the
@@ -147,9 +121,9 @@ pub fn plan(
     desired: &DesiredState,
     live: &BTreeMap<ResourceId, LiveResource>,
     inventory: &Inventory,
-) -> Result<Plan, crate::render::RenderError> {
+) -> Result<Plan, RenderError> {
     if let Some(cycle) = find_cycle(topology) {
-        return Err(crate::render::RenderError::Cycle { cycle });
+        return Err(RenderError::Cycle { cycle });
     }
     let levels = levels(topology);
     let rings: BTreeMap<&str, u32> = topology
@@ -378,6 +352,8 @@ mod tests {
             defaults: Defaults::default(),
             windows: Vec::new(),
             wave_limit: None,
+            policies: Default::default(),
+            rollout_from_repository: false,
             targets: targets
                 .iter()
                 .map(|(n, r)| TargetDef {
@@ -443,7 +419,7 @@ mod tests {
                 ("e", 1),
             ],
         );
-        t.wave_limit = Some(crate::policy::Share::Percent(40));
+        t.wave_limit = Some(crate::model::Share::Percent(40));
         let items: Vec<_> = ["canary", "a", "b", "c", "d", "e"]
             .iter()
             .map(|target| (*target, "api", "api", json!({"v": 2})))

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::analysis::{self, Judgement, Sample};
 use crate::engine::{Engine, EngineError, Prepared};
 use crate::model::Strategy;
-use crate::policy::{Inconclusive, Rollout};
+use crate::model::{Inconclusive, Rollout};
 use crate::resource::DesiredResource;
 use crate::store::{Decision, IntervalVerdict, Measured, TrafficStatus};
 use crate::traffic::{Counters, Metrics, Split, Traffic};

@@ -15,15 +15,14 @@
 //! - A render with no resources at all is an error for the same reason.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+pub use crate::error::RenderError;
 use crate::flags::{FlagsFile, FLAGS_FILE, FLAGS_PATH};
 use crate::model::{
     ArtifactSpec, FileSpec, HostResource, Metadata, ProcessSpec, RouteSpec, ServiceDef, TargetKind,
@@ -31,70 +30,11 @@ use crate::model::{
 };
 use crate::resource::{DesiredResource, DesiredState, ResourceId};
 use crate::source::{normalise, PathError, Snapshot};
+use crate::topology::check_name;
+use crate::yaml::{find_line, parse_typed, split_documents, utf8, yaml_error};
 
 /// The most resources one commit may render.
 pub const MAX_RESOURCES: usize = 50_000;
-/// The most YAML documents one file may hold.
-pub const MAX_DOCUMENTS_PER_FILE: usize = 5_000;
-
-/// Why a commit could not be rendered.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RenderError {
-    /// A value is missing, malformed or refers to something that does not
-    /// exist.
-    #[error("{}", fmt_invalid(.file, .line, .field, .reason))]
-    Invalid {
-        file: String,
-        line: Option<usize>,
-        field: Option<String>,
-        reason: String,
-    },
-    /// A path leaves its folder (symlink, `..`, absolute).
-    #[error("{file}: {source}")]
-    Path {
-        file: String,
-        #[source]
-        source: PathError,
-    },
-    /// `dependsOn` forms a cycle; the services are listed in cycle order.
-    #[error("{TOPOLOGY_FILE}: dependsOn cycle: {}", .cycle.join(" → "))]
-    Cycle { cycle: Vec<String> },
-    /// The commit renders no resources: refused, so that an accidental
-    /// empty commit never prunes everything.
-    #[error(
-        "the commit renders no resources; refusing to apply it (an empty render never prunes)"
-    )]
-    Empty,
-}
-
-fn fmt_invalid(file: &str, line: &Option<usize>, field: &Option<String>, reason: &str) -> String {
-    let mut s = file.to_string();
-    if let Some(l) = line {
-        s.push_str(&format!(":{l}"));
-    }
-    if let Some(f) = field {
-        s.push_str(&format!(": field `{f}`"));
-    }
-    s.push_str(": ");
-    s.push_str(reason);
-    s
-}
-
-impl RenderError {
-    pub(crate) fn invalid(
-        file: &str,
-        field: Option<&str>,
-        line: Option<usize>,
-        reason: impl fmt::Display,
-    ) -> Self {
-        RenderError::Invalid {
-            file: file.to_string(),
-            line,
-            field: field.map(str::to_string),
-            reason: reason.to_string(),
-        }
-    }
-}
 
 /// A rendered commit: its topology and everything it wants.
 #[derive(Clone, Debug)]
@@ -103,8 +43,6 @@ pub struct Rendered {
     pub desired: DesiredState,
     /// The commit's `flags.yaml`, if any.
     pub flags: Option<FlagsFile>,
-    /// The effective policy: the shipped pack with the repository's over it.
-    pub policy: crate::policy::PolicyPack,
 }
 
 /// Builds kustomize folders: the real kustomize runs as a process, so it
@@ -155,10 +93,10 @@ pub fn render_with(
     snapshot: &Snapshot,
     kustomize: &dyn Kustomize,
 ) -> Result<Rendered, RenderError> {
-    let (topology, policy) = load_topology_with_policy(snapshot)?;
+    let topology = crate::topology::load(snapshot)?;
     let mut resources: BTreeMap<ResourceId, DesiredResource> = BTreeMap::new();
-    for (name, service) in &topology.services {
-        for resource in render_service(snapshot, kustomize, &topology, name, service)? {
+    for rendered in render_services(snapshot, kustomize, &topology) {
+        for resource in rendered? {
             if let Some(previous) = resources.get(&resource.id) {
                 return Err(RenderError::invalid(
                     &resource.file,
@@ -207,7 +145,6 @@ pub fn render_with(
         topology,
         desired: DesiredState::new(snapshot.revision.clone(), resources),
         flags,
-        policy,
     })
 }
 
@@ -266,225 +203,48 @@ fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
     }
 }
 
-/// Reads and validates `sluice.yaml`, with every service's rollout resolved
-/// through the commit's policy.
-pub fn load_topology(snapshot: &Snapshot) -> Result<Topology, RenderError> {
-    Ok(load_topology_with_policy(snapshot)?.0)
-}
-
-/// [`load_topology`], also returning the effective policy.
-pub fn load_topology_with_policy(
+/// Every service's resources, in service order, rendered on as many threads
+/// as there are cores: services are independent until their resources
+/// are merged (where duplicates are found, in that same order).
+fn render_services(
     snapshot: &Snapshot,
-) -> Result<(Topology, crate::policy::PolicyPack), RenderError> {
-    let mut topology = load_topology_only(snapshot)?;
-    let pack = crate::policy::load(snapshot)?;
-    crate::policy::apply_defaults(&pack.rollout, &mut topology);
-    Ok((topology, pack))
-}
-
-fn load_topology_only(snapshot: &Snapshot) -> Result<Topology, RenderError> {
-    let bytes = snapshot.read("", TOPOLOGY_FILE).map_err(|e| match e {
-        PathError::NotFound { .. } => RenderError::invalid(
-            TOPOLOGY_FILE,
-            None,
-            None,
-            "not found at the root of the watched path",
-        ),
-        source => RenderError::Path {
-            file: TOPOLOGY_FILE.to_string(),
-            source,
-        },
-    })?;
-    let text = utf8(TOPOLOGY_FILE, bytes)?;
-    let topology: Topology = parse_typed(TOPOLOGY_FILE, text, 0)?;
-    validate_topology(snapshot, &topology, text)?;
-    Ok(topology)
-}
-
-fn validate_topology(snapshot: &Snapshot, t: &Topology, text: &str) -> Result<(), RenderError> {
-    let line = |keys: &[&str]| find_line(text, keys);
-    let err = |field: String, keys: &[&str], reason: String| {
-        RenderError::invalid(TOPOLOGY_FILE, Some(&field), line(keys), reason)
+    kustomize: &dyn Kustomize,
+    topology: &Topology,
+) -> Vec<Result<Vec<DesiredResource>, RenderError>> {
+    let services: Vec<(&String, &ServiceDef)> = topology.services.iter().collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(services.len()).max(1);
+    let one = |(name, service): &(&String, &ServiceDef)| {
+        render_service(snapshot, kustomize, topology, name, service)
     };
-    if t.api_version != API_VERSION {
-        return Err(err(
-            "apiVersion".into(),
-            &["apiVersion"],
-            format!("must be {API_VERSION:?}"),
-        ));
+    if threads == 1 {
+        return services.iter().map(one).collect();
     }
-    if t.targets.is_empty() {
-        return Err(err(
-            "targets".into(),
-            &["targets"],
-            "at least one target is needed".into(),
-        ));
-    }
-    let mut names = BTreeSet::new();
-    for (i, target) in t.targets.iter().enumerate() {
-        let field = format!("targets[{i}].name");
-        if let Err(reason) = check_name(&target.name) {
-            return Err(err(field, &["targets", &target.name], reason));
-        }
-        if !names.insert(target.name.as_str()) {
-            return Err(err(
-                field,
-                &["targets", &target.name],
-                format!("target {:?} is declared twice", target.name),
-            ));
-        }
-    }
-    if t.services.is_empty() {
-        return Err(err(
-            "services".into(),
-            &["services"],
-            "at least one service is needed".into(),
-        ));
-    }
-    for (name, s) in &t.services {
-        let at = |f: &str| format!("services.{name}.{f}");
-        if let Err(reason) = check_name(name) {
-            return Err(err(format!("services.{name}"), &["services", name], reason));
-        }
-        for target in &s.targets {
-            if !names.contains(target.as_str()) {
-                return Err(err(
-                    at("targets"),
-                    &["services", name, "targets", target],
-                    format!(
-                        "unknown target {target:?} (declared targets: {})",
-                        join(&names)
-                    ),
-                ));
+    // Interleaved, so that services of similar size spread evenly.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let services = &services;
+                s.spawn(move || {
+                    services
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % threads == t)
+                        .map(|(i, svc)| (i, one(svc)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Result<Vec<DesiredResource>, RenderError>)> = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(part) => all.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        for dep in &s.depends_on {
-            if !t.services.contains_key(dep) {
-                return Err(err(
-                    at("dependsOn"),
-                    &["services", name, "dependsOn", dep],
-                    format!(
-                        "unknown service {dep:?} (services: {})",
-                        join(&t.services.keys().map(String::as_str).collect())
-                    ),
-                ));
-            }
-            if dep == name {
-                return Err(RenderError::Cycle {
-                    cycle: vec![name.clone(), name.clone()],
-                });
-            }
-        }
-        let path = normalise(&s.path, "").map_err(|_| {
-            err(
-                at("path"),
-                &["services", name, "path"],
-                "must be a folder inside the repository (no absolute path, no `..` above the root)"
-                    .into(),
-            )
-        })?;
-        if path.is_empty() || !snapshot.is_dir(&path) {
-            return Err(err(
-                at("path"),
-                &["services", name, "path"],
-                format!("folder {:?} not found in the commit", s.path),
-            ));
-        }
-        if let Some(steps) = s.canary.as_ref().and_then(|c| c.steps.as_ref()) {
-            crate::policy::check_steps(steps).map_err(|r| {
-                err(
-                    at("canary.steps"),
-                    &["services", name, "canary", "steps"],
-                    r,
-                )
-            })?;
-        }
-        if let Some(ratio) = s.analysis.as_ref().and_then(|a| a.max_error_ratio) {
-            if !(ratio.is_finite() && ratio >= 1.0) {
-                return Err(err(
-                    at("analysis.maxErrorRatio"),
-                    &["services", name, "analysis", "maxErrorRatio"],
-                    "must be a number of at least 1.0".into(),
-                ));
-            }
-        }
-    }
-    for (i, w) in t.windows.iter().enumerate() {
-        let field = format!("windows[{i}]");
-        w.validate()
-            .map_err(|reason| err(field.clone(), &["windows"], reason))?;
-        for target in &w.targets {
-            if !names.contains(target.as_str()) {
-                return Err(err(
-                    format!("{field}.targets"),
-                    &["windows", target],
-                    format!("unknown target {target:?}"),
-                ));
-            }
-        }
-        for service in &w.services {
-            if !t.services.contains_key(service) {
-                return Err(err(
-                    format!("{field}.services"),
-                    &["windows", service],
-                    format!("unknown service {service:?}"),
-                ));
-            }
-        }
-    }
-    if let Some(cycle) = find_cycle(t) {
-        return Err(RenderError::Cycle { cycle });
-    }
-    Ok(())
-}
-
-/// The first dependency cycle found, in a deterministic order, closed (the
-/// first service repeated at the end).
-pub fn find_cycle(t: &Topology) -> Option<Vec<String>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        Active,
-        Done,
-    }
-    fn visit(
-        t: &Topology,
-        n: &str,
-        marks: &mut BTreeMap<String, Mark>,
-        stack: &mut Vec<String>,
-    ) -> Option<Vec<String>> {
-        match marks.get(n).copied().unwrap_or(Mark::New) {
-            Mark::Done => return None,
-            Mark::Active => {
-                let start = stack.iter().position(|s| s == n).unwrap_or(0);
-                let mut cycle = stack[start..].to_vec();
-                cycle.push(n.to_string());
-                return Some(cycle);
-            }
-            Mark::New => {}
-        }
-        marks.insert(n.to_string(), Mark::Active);
-        stack.push(n.to_string());
-        if let Some(s) = t.services.get(n) {
-            let mut deps: Vec<&String> = s.depends_on.iter().collect();
-            deps.sort();
-            for d in deps {
-                if let Some(c) = visit(t, d, marks, stack) {
-                    return Some(c);
-                }
-            }
-        }
-        stack.pop();
-        marks.insert(n.to_string(), Mark::Done);
-        None
-    }
-    let mut marks = BTreeMap::new();
-    for name in t.services.keys() {
-        if let Some(c) = visit(t, name, &mut marks, &mut Vec::new()) {
-            return Some(c);
-        }
-    }
-    None
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, r)| r).collect()
+    })
 }
 
 fn render_service(
@@ -502,9 +262,11 @@ fn render_service(
         .collect();
     let strategy = service.rollout.strategy;
     let mut out = Vec::new();
-    let mut sources: Vec<(String, String)> = Vec::new();
+    // Plain files are read where the snapshot holds them, not copied.
+    let mut sources: Vec<(String, std::borrow::Cow<str>)> = Vec::new();
     if let Some(k) = kustomization_file(snapshot, &root) {
-        sources.push((k.clone(), kustomize.build(snapshot, &root, &k)?));
+        let built = kustomize.build(snapshot, &root, &k)?;
+        sources.push((k, built.into()));
     } else {
         let files: Vec<String> = snapshot
             .list(&root)
@@ -518,21 +280,22 @@ fn render_service(
                     file: file.clone(),
                     source,
                 })?;
-            let text = utf8(&file, bytes)?.to_string();
-            sources.push((file, text));
+            let text = utf8(&file, bytes)?;
+            sources.push((file, text.into()));
         }
     }
     for (file, text) in &sources {
-        let text = text.as_str();
+        let text: &str = text;
         for (doc, offset) in split_documents(file, text)? {
-            let value: serde_yaml::Value =
+            let crate::yaml::Json(value) =
                 serde_yaml::from_str(doc).map_err(|e| yaml_error(file, offset, None, &e))?;
             if value.is_null() {
                 continue;
             }
-            let api_version = value
+            let is_host = value
                 .get("apiVersion")
                 .and_then(|v| v.as_str())
+                .map(|v| v == API_VERSION)
                 .ok_or_else(|| {
                     RenderError::invalid(
                         file,
@@ -541,14 +304,14 @@ fn render_service(
                         "missing or not a string",
                     )
                 })?;
-            let (kind_of_target, mut bodies) = if api_version == API_VERSION {
-                let (resource, meta) = parse_host(file, doc, offset)?;
+            let (kind_of_target, mut bodies) = if is_host {
+                let (resource, meta) = parse_host(file, doc, offset, value)?;
                 let r = host_body(snapshot, &root, file, name, &resource, &meta)?;
                 (TargetKind::Host, vec![r])
             } else {
                 (
                     TargetKind::Kubernetes,
-                    vec![kube_body(file, offset, &value)?],
+                    vec![kube_body(file, offset, value)?],
                 )
             };
             let fitting: Vec<_> = targets
@@ -566,7 +329,14 @@ fn render_service(
                 ));
             }
             for (kind, meta_name, namespace, body, redact, blobs) in bodies.drain(..) {
-                for t in &fitting {
+                // One copy per target; the last target takes the original.
+                let mut body = Some(body);
+                for (i, t) in fitting.iter().enumerate() {
+                    let body = if i + 1 == fitting.len() {
+                        body.take().unwrap_or_default()
+                    } else {
+                        body.clone().unwrap_or_default()
+                    };
                     out.push(DesiredResource {
                         id: ResourceId {
                             target: t.name.clone(),
@@ -576,7 +346,7 @@ fn render_service(
                         },
                         service: name.to_string(),
                         file: file.clone(),
-                        body: body.clone(),
+                        body,
                         redact: redact.clone(),
                         strategy,
                         max_unavailable: Some(service.rollout.max_unavailable),
@@ -621,25 +391,34 @@ struct Doc<S> {
     spec: S,
 }
 
+/// A host document, typed from its parsed `value`; only an invalid one is
+/// parsed again from `doc`, for the line of the error.
 fn parse_host(
     file: &str,
     doc: &str,
     offset: usize,
+    value: Value,
 ) -> Result<(HostResource, Metadata), RenderError> {
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(doc).map_err(|e| yaml_error(file, offset, None, &e))?;
+    fn typed<S: serde::de::DeserializeOwned>(
+        file: &str,
+        doc: &str,
+        offset: usize,
+        value: Value,
+    ) -> Result<Doc<S>, RenderError> {
+        serde_path_to_error::deserialize(value).or_else(|_| parse_typed(file, doc, offset))
+    }
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let (resource, metadata) = match kind {
         "Process" => {
-            let d: Doc<ProcessSpec> = parse_typed(file, doc, offset)?;
+            let d: Doc<ProcessSpec> = typed(file, doc, offset, value)?;
             (HostResource::Process(d.spec), d.metadata)
         }
         "File" => {
-            let d: Doc<FileSpec> = parse_typed(file, doc, offset)?;
+            let d: Doc<FileSpec> = typed(file, doc, offset, value)?;
             (HostResource::File(d.spec), d.metadata)
         }
         "Route" => {
-            let d: Doc<RouteSpec> = parse_typed(file, doc, offset)?;
+            let d: Doc<RouteSpec> = typed(file, doc, offset, value)?;
             (HostResource::Route(d.spec), d.metadata)
         }
         _ => {
@@ -881,9 +660,15 @@ fn check_artifact(
     Ok(())
 }
 
-fn kube_body(file: &str, offset: usize, value: &serde_yaml::Value) -> Result<Body, RenderError> {
-    let body: Value = serde_json::to_value(value)
-        .map_err(|e| RenderError::invalid(file, None, Some(offset + 1), scrub(&e.to_string())))?;
+fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError> {
+    if !body.is_object() {
+        return Err(RenderError::invalid(
+            file,
+            None,
+            Some(offset + 1),
+            "a manifest must be a mapping",
+        ));
+    }
     let api_version = body["apiVersion"].as_str().unwrap_or_default();
     let kind = body["kind"].as_str().ok_or_else(|| {
         RenderError::invalid(
@@ -945,25 +730,6 @@ fn check_routes(resources: &[DesiredResource]) -> Result<(), RenderError> {
     Ok(())
 }
 
-/// Names of services, targets and resources: what is safe in a file name,
-/// a label and a URL path.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(
-            "must be 1-63 characters of a-z, 0-9, `-` and `.`, starting with a letter or digit"
-                .into(),
-        )
-    }
-}
-
 /// Environment variable names whose values are kept out of every output.
 pub fn looks_secret(key: &str) -> bool {
     let k = key.to_ascii_uppercase();
@@ -978,134 +744,6 @@ pub fn looks_secret(key: &str) -> bool {
     ]
     .iter()
     .any(|w| k.contains(w))
-}
-
-fn utf8<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, RenderError> {
-    std::str::from_utf8(bytes).map_err(|e| {
-        RenderError::invalid(
-            file,
-            None,
-            None,
-            format!("not UTF-8 text (byte {})", e.valid_up_to()),
-        )
-    })
-}
-
-/// Splits a multi-document YAML file at `---` lines, keeping each
-/// document's line offset so errors point at the right line of the file.
-fn split_documents<'a>(file: &str, text: &'a str) -> Result<Vec<(&'a str, usize)>, RenderError> {
-    let mut docs = Vec::new();
-    let mut start = 0;
-    let mut start_line = 0;
-    let mut pos = 0;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
-            docs.push((&text[start..pos], start_line));
-            start = pos + line.len();
-            start_line = i + 1;
-        }
-        pos += line.len();
-    }
-    docs.push((&text[start..], start_line));
-    docs.retain(|(d, _)| !d.trim().is_empty());
-    if docs.len() > MAX_DOCUMENTS_PER_FILE {
-        return Err(RenderError::invalid(
-            file,
-            None,
-            None,
-            format!("more than {MAX_DOCUMENTS_PER_FILE} documents"),
-        ));
-    }
-    Ok(docs)
-}
-
-/// Deserialises `text` strictly into `T`, reporting the field path and line.
-fn parse_typed<T: DeserializeOwned>(
-    file: &str,
-    text: &str,
-    offset: usize,
-) -> Result<T, RenderError> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = (path != ".").then_some(path);
-        yaml_error(file, offset, field, e.inner())
-    })
-}
-
-fn yaml_error(
-    file: &str,
-    offset: usize,
-    field: Option<String>,
-    e: &serde_yaml::Error,
-) -> RenderError {
-    let message = e.to_string();
-    let reason = match message.rsplit_once(" at line ") {
-        Some((head, _)) => head.to_string(),
-        None => message,
-    };
-    let reason = reason
-        .split_once(": ")
-        .filter(|(head, _)| {
-            field.as_deref().is_some_and(|f| f.starts_with(head.trim())) && !head.contains(' ')
-        })
-        .map(|(_, tail)| tail.to_string())
-        .unwrap_or(reason);
-    RenderError::Invalid {
-        file: file.to_string(),
-        line: e.location().map(|l| l.line() + offset),
-        field,
-        reason: scrub(&reason),
-    }
-}
-
-/// Removes quoted values from a parser message ("invalid type: string
-/// \"hunter2\", expected …"): a manifest value may be a secret.
-fn scrub(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(i) = rest.find(" \"") {
-        let (head, tail) = rest.split_at(i);
-        out.push_str(head);
-        match tail[2..].find('"') {
-            Some(j) => {
-                out.push_str(" \"…\"");
-                rest = &tail[2 + j + 1..];
-            }
-            None => {
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Best-effort line of a nested key: the first line holding `keys[0]`, then
-/// from there the first holding `keys[1]`, and so on. 1-based.
-pub(crate) fn find_line(text: &str, keys: &[&str]) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut at = 0;
-    let mut found = None;
-    for key in keys {
-        let i = lines[at..].iter().position(|l| {
-            let l = l.trim_start().trim_start_matches("- ");
-            l.starts_with(&format!("{key}:"))
-                || l.contains(&format!(" {key}"))
-                || l == *key
-                || l.contains(&format!("[{key}"))
-                || l.contains(&format!("{key}]"))
-                || l.contains(&format!("name: {key}"))
-        })?;
-        at += i;
-        found = Some(at + 1);
-    }
-    found
-}
-
-fn join(names: &BTreeSet<&str>) -> String {
-    names.iter().copied().collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

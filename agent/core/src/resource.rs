@@ -72,7 +72,7 @@ pub struct DesiredResource {
     /// Rolling: how many replicas may be replaced at once (policy,
     /// overridable per service). None: all at once.
     #[serde(skip)]
-    pub max_unavailable: Option<crate::policy::Share>,
+    pub max_unavailable: Option<crate::model::Share>,
     /// Repository files the resource needs, keyed by sha256 hex digest
     /// (already verified by render). Not serialised: content lives in git,
     /// the digest in `body`.
@@ -117,12 +117,24 @@ impl DesiredState {
 /// `value` must serialise to JSON (string map keys): a value that cannot is
 /// a programming error, caught by the tests.
 pub fn digest_of<T: Serialize + ?Sized>(value: &T) -> String {
-    let mut h = Sha256::new();
+    /// Feeds serialised bytes straight into the hash: no copy of the
+    /// whole desired state is ever held.
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = Hashing(Sha256::new());
     // serde_json keeps object keys sorted (no preserve_order feature), and
     // BTreeMaps serialise in key order: the bytes are canonical.
-    let bytes = serde_json::to_vec(value).expect("digest input serialises to JSON");
-    h.update(&bytes);
-    format!("sha256:{}", hex::encode(h.finalize()))
+    serde_json::to_writer(std::io::BufWriter::with_capacity(64 * 1024, &mut h), value)
+        .expect("digest input serialises to JSON");
+    format!("sha256:{}", hex::encode(h.0.finalize()))
 }
 
 /// How a resource is doing. Ordered from best to worst, so the health of a
