@@ -240,6 +240,7 @@ fn sluice_findings(snap: &Snapshot) -> (serde_json::Value, BTreeSet<(usize, Stri
     // One thread, so microseconds per resource compare with OPA's one.
     let t = Instant::now();
     let report = guard::evaluate_with(&compiled, &input, 1).expect("guard");
+    let us = t.elapsed().as_secs_f64() * 1e6 / input.documents.len() as f64;
     let index: BTreeMap<&str, usize> = input
         .documents
         .iter()
@@ -256,7 +257,6 @@ fn sluice_findings(snap: &Snapshot) -> (serde_json::Value, BTreeSet<(usize, Stri
         .iter()
         .map(|d| serde_json::json!({ "doc": d.body.as_ref(), "ctx": input.context_json(d) }))
         .collect();
-    let us = t.elapsed().as_secs_f64() * 1e6 / input.documents.len() as f64;
     let modules: Vec<serde_json::Value> = pack
         .modules
         .iter()
