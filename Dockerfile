@@ -1,12 +1,15 @@
 # syntax=docker/dockerfile:1
 #
-# The sluice agent image: a static (musl) binary and kubectl on distroless.
+# The sluice agent image: a static (musl) binary, kubectl, git and the
+# OpenSSH client on Alpine.
 #
 #   docker build -t ghcr.io/sluice-dev/sluice:0.1.0 .
 #   docker buildx build --platform linux/amd64,linux/arm64 -t ... --push .
 #
 # kubectl is in the image because sluice renders kustomize folders with
-# `kubectl kustomize`, as Argo CD and Flux do.
+# `kubectl kustomize`, as Argo CD and Flux do; git and ssh because every
+# fetch runs the git command line (protocol v2, shallow fetches), as Argo
+# CD's does.
 
 FROM rust:1-alpine AS builder
 # TARGETARCH (amd64, arm64, ...) is set by BuildKit from --platform.
@@ -37,11 +40,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p sluice \
     && install -m 0755 target/release/sluice /usr/local/bin/sluice
 
-FROM gcr.io/distroless/static-debian12:nonroot
+FROM alpine:3.20
+RUN apk add --no-cache git openssh-client ca-certificates \
+    && adduser -D -H -u 65532 -s /sbin/nologin nonroot
 COPY --from=builder /usr/local/bin/sluice /usr/local/bin/sluice
 COPY --from=builder /usr/local/bin/kubectl /usr/local/bin/kubectl
-# The statically linked OpenSSL looks for Alpine's paths; point it at
-# distroless' CA bundle (git over https, forges, Prometheus).
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 USER 65532:65532
 EXPOSE 8181

@@ -48,6 +48,8 @@ fn source(
         cache_dir: cache.to_path_buf(),
         auth: Auth::None,
         allow_insecure: insecure,
+        helper: Some(common::SLUICE.into()),
+        ..GitConfig::default()
     })
 }
 
@@ -211,8 +213,11 @@ fn a_token_never_appears_in_errors_or_descriptions() {
         cache_dir: tmp.path().to_path_buf(),
         auth: Auth::Token {
             token: Secret::new("an0ther-s3cret"),
+            file: None,
         },
         allow_insecure: false,
+        helper: Some(common::SLUICE.into()),
+        ..GitConfig::default()
     })
     .unwrap();
     let e = rt().block_on(s.poll()).unwrap_err();
@@ -361,4 +366,66 @@ fn a_dns_failure_is_a_clear_transient_error() {
         "{e}"
     );
     assert!(e.to_string().contains("git.sluice-test.invalid"), "{e}");
+}
+
+/// The mirror stays small over many fetches: its first fetch is shallow,
+/// packs are consolidated past a count, and pins of applied commits beyond
+/// the newest are dropped.
+#[test]
+fn the_mirror_is_shallow_repacked_and_pruned() {
+    let (tmp, repo) = repo_with(&[("app/a.yaml", "v0")]);
+    for i in 1..5 {
+        commit(&repo, "app/a.yaml", &format!("v{i}"), &format!("c{i}"));
+    }
+    let daemon = GitDaemon::start(&tmp.path().join("served"));
+    let rt = rt();
+    let cache = tmp.path().join("cache");
+    let s = source(&daemon.url("repo"), &cache, "app", true).unwrap();
+    rt.block_on(s.poll()).unwrap();
+    let mirror = cache.join("mirror.git");
+    assert!(
+        mirror.join("shallow").exists(),
+        "the first fetch is shallow"
+    );
+    let count = String::from_utf8(
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&mirror)
+            .args(["rev-list", "--count", "refs/sluice/remote/main"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(count.trim(), "1", "one commit of five fetched");
+    let packs = || {
+        std::fs::read_dir(mirror.join("objects/pack"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".pack")
+            })
+            .count()
+    };
+    for i in 0..40 {
+        commit(&repo, "app/a.yaml", &format!("w{i}"), &format!("w{i}"));
+        let rev = rt.block_on(s.poll()).unwrap();
+        rt.block_on(s.keep(&rev.commit)).unwrap();
+        assert!(packs() <= sluice_git::MAX_PACKS + 1, "{} packs", packs());
+    }
+    let keeps = String::from_utf8(
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&mirror)
+            .args(["for-each-ref", "refs/sluice/keep/"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(keeps.lines().count(), sluice_git::KEEP_REFS, "{keeps}");
+    assert_eq!(s.fetch_count(), 41);
 }

@@ -437,8 +437,20 @@ fn a_kustomize_folder_without_kustomize_says_how_to_install_it() {
     let c = Cluster::new();
     c.write("web/kustomization.yaml", "resources: [web.yaml]\n");
     c.commit("web as a kustomize folder");
+    // git is there (every fetch runs it); kubectl and kustomize are not.
+    let bin = c.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real_git = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(real_git.trim(), bin.join("git")).unwrap();
     let mut cmd = c.command("apply", "state");
-    cmd.env("PATH", c.dir.path());
+    cmd.env("PATH", &bin);
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     assert_eq!(out.code, 2, "{}", out.all());
     assert!(

@@ -62,9 +62,36 @@ pub struct Common {
     /// File holding an https token for the repository.
     #[arg(long, env = "SLUICE_GIT_TOKEN_FILE")]
     pub git_token_file: Option<PathBuf>,
-    /// SSH private key for ssh:// repositories (default: the ssh agent).
+    /// SSH private key for ssh repositories (default: the ssh agent, else
+    /// ssh's own default keys).
     #[arg(long, env = "SLUICE_SSH_KEY")]
     pub ssh_key: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted --ssh-key (or the
+    /// variable SLUICE_SSH_KEY_PASSPHRASE).
+    #[arg(long, env = "SLUICE_SSH_KEY_PASSPHRASE_FILE")]
+    pub ssh_key_passphrase_file: Option<PathBuf>,
+    /// known_hosts file(s) that ssh host keys are checked against
+    /// (repeatable; default ~/.ssh/known_hosts). /etc/ssh/ssh_known_hosts
+    /// is always checked too. Unknown keys are refused.
+    #[arg(
+        long = "known-hosts",
+        env = "SLUICE_KNOWN_HOSTS",
+        value_delimiter = ','
+    )]
+    pub known_hosts: Vec<PathBuf>,
+    /// An ssh config file instead of ~/.ssh/config (host aliases, ports).
+    #[arg(long, env = "SLUICE_SSH_CONFIG")]
+    pub ssh_config: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for https repositories.
+    #[arg(long, env = "SLUICE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Connecting to the repository and listing its branch must finish
+    /// within this.
+    #[arg(long, env = "SLUICE_GIT_CONNECT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub git_connect_timeout: Duration,
+    /// A fetch or push with no progress for this long is stopped.
+    #[arg(long, env = "SLUICE_GIT_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub git_stall_timeout: Duration,
     /// Allow plain http:// and git:// repositories (e.g. a loopback test
     /// server). Off by default, as in Flux.
     #[arg(long, env = "SLUICE_ALLOW_INSECURE")]
@@ -277,6 +304,15 @@ enum Command {
         #[arg(long)]
         spec: PathBuf,
     },
+    /// Internal: git's credential helper for the watched repository.
+    #[command(hide = true, name = "git-credential")]
+    GitCredential {
+        #[arg(long)]
+        origin: String,
+        #[arg(long)]
+        token_file: PathBuf,
+        action: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -315,9 +351,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     library_backtraces_off();
+    // ssh runs this binary as its passphrase prompt.
+    if sluice_git::credential::askpass(std::io::stdout()) {
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Supervise { spec } => sluice_host::supervise::run(&spec),
+        Command::GitCredential {
+            origin,
+            token_file,
+            action,
+        } => {
+            let stdin = std::io::stdin();
+            match sluice_git::credential::answer(
+                &origin,
+                &token_file,
+                &action,
+                stdin.lock(),
+                std::io::stdout(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice git-credential: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Demo(args) => plain_runtime(demo::main(args), 1),
         Command::Load(args) => plain_runtime(demo::load(args), 2),
         Command::Router {

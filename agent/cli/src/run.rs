@@ -365,17 +365,22 @@ async fn reconcile_loop(
                     .metrics
                     .reconcile_errors
                     .fetch_add(1, Ordering::Relaxed);
-                let transient = matches!(&e, EngineError::Source(s) if s.is_transient())
+                // Any trouble with the remote (down, stalled, a refused
+                // credential, an untrusted host) backs off up to
+                // --backoff-max, one attempt at a time; a webhook or POST
+                // /reconcile still wakes the loop at once.
+                let source = matches!(e, EngineError::Source(_));
+                let transient = source
                     || matches!(
                         e,
                         EngineError::Target(sluice_core::target::TargetError::Unavailable { .. })
                     );
-                if matches!(e, EngineError::Source(_)) {
+                if source {
                     shared.metrics.poll_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 if transient {
                     failures += 1;
-                    let d = backoff.delay(failures).min(interval.max(backoff.initial));
+                    let d = backoff.delay(failures);
                     warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconcile failed; live state untouched");
                     d
                 } else {
@@ -450,12 +455,38 @@ async fn serve(
     }
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+/// Consecutive failed polls before /readyz says the agent cannot do its
+/// work (one blip does not flap the probe).
+const READY_FAILED_POLLS: u32 = 3;
+
+/// Ready once the first reconcile ran, and while the repository can be
+/// polled: after [`READY_FAILED_POLLS`] failed polls in a row it answers
+/// 503 with the error, until a poll succeeds.
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
     }
+    let store = s.store.clone();
+    let state = tokio::task::spawn_blocking(move || {
+        use sluice_core::store::StateStore;
+        store.load()
+    })
+    .await;
+    if let Ok(Ok(state)) = state {
+        let src = &state.source;
+        if src.consecutive_failures >= READY_FAILED_POLLS {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "source failing: {} consecutive polls failed; last: {}\n",
+                    src.consecutive_failures,
+                    src.last_error.as_deref().unwrap_or("unknown")
+                ),
+            )
+                .into_response();
+        }
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 /// Asks the loop to reconcile now. Carries no desired state, so repeating

@@ -62,7 +62,20 @@ pub fn store(common: &Common) -> Result<FileStore, ConfigError> {
 /// The git source of `--repo`, keeping its mirror in `cache_dir`.
 pub fn source(common: &Common, cache_dir: PathBuf) -> Result<GitSource, ConfigError> {
     let (url, path) = locate(&common.repo, &common.path)?;
-    let auth = auth(common)?;
+    let auth = auth(common, &url)?;
+    for f in common
+        .known_hosts
+        .iter()
+        .chain(&common.ssh_config)
+        .chain(&common.ca_file)
+    {
+        if !f.is_file() {
+            return Err(ConfigError(format!(
+                "{}: no such file (given with --known-hosts, --ssh-config or --ca-file)",
+                f.display()
+            )));
+        }
+    }
     GitSource::new(GitConfig {
         url,
         branch: common.branch.clone(),
@@ -70,6 +83,16 @@ pub fn source(common: &Common, cache_dir: PathBuf) -> Result<GitSource, ConfigEr
         cache_dir,
         auth,
         allow_insecure: common.allow_insecure,
+        timeouts: sluice_git::Timeouts {
+            connect: common.git_connect_timeout,
+            stall: common.git_stall_timeout,
+        },
+        ssh: sluice_git::SshOptions {
+            known_hosts: common.known_hosts.clone(),
+            config: common.ssh_config.clone(),
+        },
+        ca_file: common.ca_file.clone(),
+        helper: None,
     })
     .map_err(|e| ConfigError(format!("--repo: {e}")))
 }
@@ -140,7 +163,8 @@ fn locate(repo: &str, path: &str) -> Result<(String, String), ConfigError> {
     let is_url = repo.contains("://")
         || repo.contains("::")
         || repo.starts_with('-')
-        || (repo.contains('@') && repo.contains(':'));
+        || (repo.contains('@') && repo.contains(':'))
+        || is_ssh(repo);
     if is_url {
         return Ok((repo.to_string(), path.to_string()));
     }
@@ -168,33 +192,120 @@ fn locate(repo: &str, path: &str) -> Result<(String, String), ConfigError> {
     }
 }
 
-fn auth(common: &Common) -> Result<Auth, ConfigError> {
+/// Whether a repository address is reached over ssh (`ssh://` or the
+/// scp form `[user@]host:path`).
+fn is_ssh(url: &str) -> bool {
+    url.starts_with("ssh://")
+        || (!url.contains("://")
+            && url
+                .split_once(':')
+                .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+            && !Path::new(url).exists())
+}
+
+/// The credential for `url`, one rule: the URL's scheme decides. https
+/// takes a token (`--git-token-file`, else the variable `--git-token-env`
+/// names); ssh takes `--ssh-key` (with its passphrase), else the ssh agent
+/// and ssh's own default keys. A credential for the other kind of URL is
+/// an error when given by flag, and ignored when only an environment
+/// variable holds it.
+fn auth(common: &Common, url: &str) -> Result<Auth, ConfigError> {
+    let ssh = is_ssh(url);
+    let https = url.starts_with("https://") || url.starts_with("http://");
+    if ssh {
+        if common.git_token_file.is_some() {
+            return Err(ConfigError(
+                "--git-token-file is for https repositories; this one is reached over ssh (use --ssh-key)"
+                    .into(),
+            ));
+        }
+        let Some(key) = &common.ssh_key else {
+            return Ok(Auth::SshAgent);
+        };
+        let text = std::fs::read_to_string(key)
+            .map_err(|e| ConfigError(format!("--ssh-key {}: {e}", key.display())))?;
+        let (passphrase, passphrase_file) = match &common.ssh_key_passphrase_file {
+            Some(f) => {
+                let p = std::fs::read_to_string(f).map_err(|e| {
+                    ConfigError(format!("--ssh-key-passphrase-file {}: {e}", f.display()))
+                })?;
+                (
+                    Some(Secret::new(p.trim_end_matches(['\n', '\r']).to_string())),
+                    Some(f.clone()),
+                )
+            }
+            None => (
+                std::env::var("SLUICE_SSH_KEY_PASSPHRASE")
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .map(Secret::new),
+                None,
+            ),
+        };
+        if passphrase.is_none() && key_is_encrypted(&text) {
+            return Err(ConfigError(format!(
+                "--ssh-key {} is encrypted: give its passphrase with --ssh-key-passphrase-file or SLUICE_SSH_KEY_PASSPHRASE",
+                key.display()
+            )));
+        }
+        return Ok(Auth::SshKey {
+            private_key: key.clone(),
+            passphrase,
+            passphrase_file,
+        });
+    }
+    if common.ssh_key.is_some() {
+        return Err(ConfigError(
+            "--ssh-key is for ssh repositories; this one is not (an https repository takes --git-token-file or --git-token-env)"
+                .into(),
+        ));
+    }
+    if !https {
+        return Ok(Auth::None);
+    }
     if let Some(file) = &common.git_token_file {
         let token = std::fs::read_to_string(file)
             .map_err(|e| ConfigError(format!("--git-token-file {}: {e}", file.display())))?;
         return Ok(Auth::Token {
             token: Secret::new(token.trim().to_string()),
+            file: Some(file.clone()),
         });
     }
-    if let Ok(token) = std::env::var(&common.git_token_env) {
-        if !token.is_empty() {
-            return Ok(Auth::Token {
-                token: Secret::new(token),
-            });
-        }
+    match std::env::var(&common.git_token_env) {
+        Ok(token) if !token.is_empty() => Ok(Auth::Token {
+            token: Secret::new(token),
+            file: None,
+        }),
+        _ => Ok(Auth::None),
     }
-    if let Some(key) = &common.ssh_key {
-        return Ok(Auth::SshKey {
-            private_key: key.clone(),
-            passphrase: None,
-        });
+}
+
+/// Whether an ssh private key needs a passphrase: an OpenSSH key whose
+/// cipher is not "none", or a PEM key marked ENCRYPTED.
+fn key_is_encrypted(text: &str) -> bool {
+    if text.contains("ENCRYPTED") {
+        return true;
     }
-    if common.repo.starts_with("ssh://")
-        || (common.repo.contains('@') && !common.repo.contains("://"))
-    {
-        return Ok(Auth::SshAgent);
-    }
-    Ok(Auth::None)
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    use base64::Engine as _;
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(body.trim()) else {
+        return false;
+    };
+    // "openssh-key-v1\0", then the cipher name as a length-prefixed string.
+    let Some(rest) = bytes.strip_prefix(b"openssh-key-v1\0") else {
+        return false;
+    };
+    let Some(len) = rest
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    else {
+        return false;
+    };
+    rest.get(4..4 + len).is_some_and(|cipher| cipher != b"none")
 }
 
 /// Builds host targets on demand, once each: a host target adopts the

@@ -83,6 +83,8 @@ impl EngineError {
                 e,
                 SourceError::InvalidUrl { .. }
                     | SourceError::Credentials { .. }
+                    | SourceError::Rejected { .. }
+                    | SourceError::Untrusted { .. }
                     | SourceError::PathNotFound { .. }
                     | SourceError::TooLarge { .. }
                     | SourceError::RefNotFound { .. }

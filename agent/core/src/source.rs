@@ -279,6 +279,20 @@ pub enum SourceError {
     /// Fetching objects failed.
     #[error("fetching {url}: {reason}")]
     Fetch { url: String, reason: String },
+    /// The remote did not answer in time, or a transfer stopped moving.
+    #[error("{url}: timed out: {reason}")]
+    Timeout { url: String, reason: String },
+    /// The server refused the credential (not retried until the next poll).
+    #[error("{url}: authentication failed (user {user}): {reason}")]
+    Rejected {
+        url: String,
+        user: String,
+        reason: String,
+    },
+    /// The server could not be trusted: an unknown or changed ssh host
+    /// key, a TLS certificate that does not verify.
+    #[error("{url}: {reason}")]
+    Untrusted { url: String, reason: String },
     /// The branch (or the remote's default branch) does not exist.
     #[error("ref {reference:?} not found in {url}")]
     RefNotFound { url: String, reference: String },
@@ -307,7 +321,7 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            SourceError::ListRefs { .. } | SourceError::Fetch { .. }
+            SourceError::ListRefs { .. } | SourceError::Fetch { .. } | SourceError::Timeout { .. }
         )
     }
 }

@@ -10,18 +10,23 @@
 //!   every libgit2 message that is passed on.
 //! - All libgit2 work runs on the blocking thread pool.
 //!
-//! # Caveats
-//! libgit2's own network timeouts apply; a server that accepts the
-//! connection and then never answers holds one blocking thread until they
-//! expire.
+//! - Everything that crosses the network runs the git command line with
+//!   deadlines (see [`crate::transport`]); libgit2 only reads and writes
+//!   the mirror, on the blocking thread pool.
+//!
+//! # The mirror
+//! The first fetch is shallow (depth 1): the agent needs the watched
+//! commit, not the history. Later fetches add the commits since; a commit
+//! that is missing when it is needed (the parent of a commit to revert, an
+//! old commit named by hand) is fetched then. Packs are consolidated once
+//! there are more than [`MAX_PACKS`], and only the newest [`KEEP_REFS`]
+//! pins of applied commits are kept.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use git2::{
-    AutotagOption, Cred, Direction, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository,
-};
+use git2::{ObjectType, Oid, Repository};
 use sluice_core::source::{CommitId, FileEntry, Limits, Revision, Snapshot, Source, SourceError};
 use tracing::{debug, info, warn};
 
@@ -51,24 +56,39 @@ impl std::fmt::Display for Secret {
     }
 }
 
-/// How to authenticate to the remote.
+use crate::transport::{Failure, SshOptions, Timeouts, Transport};
+
+/// Packs in the mirror before they are consolidated into one.
+pub const MAX_PACKS: usize = 16;
+/// Pins of applied commits kept (`refs/sluice/keep/*`), newest first.
+pub const KEEP_REFS: usize = 32;
+/// Refs fetched for pull requests kept (`refs/sluice/fetched/*`).
+pub const FETCHED_REFS: usize = 64;
+
+/// How to authenticate to the remote. Which one applies is decided once,
+/// by the URL's scheme (see the CLI's `auth`).
 #[derive(Clone, Debug, Default)]
 pub enum Auth {
     #[default]
     None,
     /// https: the token as password (user `x-access-token` unless the URL
-    /// names one).
+    /// names one), for the repository's origin only.
     Token {
         token: Secret,
+        /// The file it was read from (handed to git as is); None when it
+        /// came from an environment variable.
+        file: Option<PathBuf>,
     },
     SshKey {
         private_key: PathBuf,
         passphrase: Option<Secret>,
+        /// The file the passphrase was read from, if any.
+        passphrase_file: Option<PathBuf>,
     },
     SshAgent,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GitConfig {
     /// Local path, file://, https://, ssh:// or scp-like `user@host:path`;
     /// http:// and git:// only with `allow_insecure`.
@@ -81,6 +101,13 @@ pub struct GitConfig {
     pub cache_dir: PathBuf,
     pub auth: Auth,
     pub allow_insecure: bool,
+    pub timeouts: Timeouts,
+    pub ssh: SshOptions,
+    /// Extra CA certificates (PEM) trusted for https.
+    pub ca_file: Option<PathBuf>,
+    /// The sluice binary (git's credential helper, ssh's passphrase
+    /// prompt); default: this executable.
+    pub helper: Option<PathBuf>,
 }
 
 /// The git source; cheap to clone (clones share one mirror).
@@ -101,16 +128,15 @@ impl GitSource {
 
 struct Inner {
     cfg: GitConfig,
-    /// The URL as libgit2 gets it (a local path made absolute).
-    url: String,
     /// The URL for people: userinfo replaced by `***`.
     shown: String,
     /// The branch followed, once known (from the config or the remote's
     /// HEAD); behind a mutex because the remote's default may change.
     branch: Mutex<Option<String>>,
-    /// One libgit2 user of the mirror at a time.
-    repo: Arc<Mutex<()>>,
+    /// One user of the mirror at a time (libgit2 or git).
+    repo: Arc<tokio::sync::Mutex<()>>,
     fetches: AtomicU64,
+    transport: Transport,
 }
 
 impl Inner {
@@ -121,13 +147,39 @@ impl Inner {
             path: cfg.cache_dir.display().to_string(),
             reason: e.to_string(),
         })?;
+        let scratch = cfg.cache_dir.join("private");
+        std::fs::create_dir_all(&scratch)
+            .and_then(|_| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| SourceError::Local {
+                path: scratch.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let helper = match &cfg.helper {
+            Some(h) => h.clone(),
+            None => std::env::current_exe().map_err(|e| SourceError::Local {
+                path: "the sluice binary".into(),
+                reason: e.to_string(),
+            })?,
+        };
+        let transport = Transport {
+            url: url.clone(),
+            auth: cfg.auth.clone(),
+            ssh: cfg.ssh.clone(),
+            ca_file: cfg.ca_file.clone(),
+            timeouts: cfg.timeouts,
+            helper,
+            scratch,
+        };
         let source = Inner {
             branch: Mutex::new(cfg.branch.clone()),
-            url,
             shown,
             cfg,
-            repo: Arc::new(Mutex::new(())),
+            repo: Arc::new(tokio::sync::Mutex::new(())),
             fetches: AtomicU64::new(0),
+            transport,
         };
         source.open()?;
         Ok(source)
@@ -153,7 +205,7 @@ impl Inner {
     /// libgit2 messages may echo the URL: remove the token and userinfo.
     fn scrub(&self, message: &str) -> String {
         let mut m = message.replace(&self.cfg.url, &self.shown);
-        if let Auth::Token { token } = &self.cfg.auth {
+        if let Auth::Token { token, .. } = &self.cfg.auth {
             if !token.expose().is_empty() {
                 m = m.replace(token.expose(), "***");
             }
@@ -164,110 +216,224 @@ impl Inner {
         m
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'_> {
-        let mut cb = RemoteCallbacks::new();
-        let auth = self.cfg.auth.clone();
-        let mut tries = 0;
-        cb.credentials(move |_url, user_from_url, allowed| {
-            tries += 1;
-            // libgit2 asks again after a refusal; stop instead of looping.
-            if tries > 3 {
-                return Err(git2::Error::from_str("authentication failed"));
-            }
-            match &auth {
-                Auth::Token { token }
-                    if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
-                {
-                    Cred::userpass_plaintext(
-                        user_from_url.unwrap_or("x-access-token"),
-                        token.expose(),
-                    )
-                }
-                Auth::SshKey {
-                    private_key,
-                    passphrase,
-                } => Cred::ssh_key(
-                    user_from_url.unwrap_or("git"),
-                    None,
-                    private_key,
-                    passphrase.as_ref().map(Secret::expose),
-                ),
-                Auth::SshAgent => Cred::ssh_key_from_agent(user_from_url.unwrap_or("git")),
-                _ => Err(git2::Error::from_str(
-                    "the remote asks for credentials and none are configured",
-                )),
-            }
-        });
-        cb
+    /// The user a credential is sent as (for "authentication failed").
+    fn user(&self) -> String {
+        let from_url =
+            userinfo(&self.cfg.url).map(|u| u.split(':').next().unwrap_or(u).to_string());
+        match &self.cfg.auth {
+            Auth::Token { .. } => from_url.unwrap_or_else(|| "x-access-token".into()),
+            Auth::SshKey { .. } | Auth::SshAgent => from_url
+                .or_else(|| {
+                    self.cfg
+                        .url
+                        .split_once('@')
+                        .filter(|(u, _)| !u.contains('/'))
+                        .map(|(u, _)| u.to_string())
+                })
+                .unwrap_or_else(|| "git".into()),
+            Auth::None => "(none)".into(),
+        }
     }
 
-    /// Blocking body of `poll`.
-    fn poll_blocking(&self) -> Result<Revision, SourceError> {
-        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
-        let repo = self.open()?;
-        let mut remote = repo
-            .remote_anonymous(&self.url)
-            .map_err(|e| self.list_err(&e))?;
-        let (branch, remote_oid) = {
-            let conn = remote
-                .connect_auth(Direction::Fetch, Some(self.callbacks()), None)
-                .map_err(|e| self.list_err(&e))?;
-            let heads = conn.list().map_err(|e| self.list_err(&e))?;
-            let branch = match self.cfg.branch.clone() {
-                Some(b) => b,
-                None => {
-                    let head = heads.iter().find(|h| h.name() == "HEAD");
-                    let target = head.and_then(|h| h.symref_target()).map(str::to_string);
-                    let target = target.or_else(|| {
-                        conn.default_branch()
-                            .ok()
-                            .and_then(|b| b.as_str().ok().map(str::to_string))
-                    });
-                    match target.and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string)) {
-                        Some(b) => b,
-                        None => {
-                            return Err(SourceError::RefNotFound {
-                                url: self.shown.clone(),
-                                reference: "HEAD (the remote's default branch)".into(),
-                            })
-                        }
-                    }
-                }
-            };
-            let full = format!("refs/heads/{branch}");
-            let oid = heads
-                .iter()
-                .find(|h| h.name() == full)
-                .map(|h| h.oid())
-                .ok_or_else(|| SourceError::RefNotFound {
-                    url: self.shown.clone(),
-                    reference: full.clone(),
-                })?;
-            (branch, oid)
+    /// A git failure as the source's error, `step` saying what was done.
+    fn failed(&self, step: Step, f: Failure) -> SourceError {
+        let url = self.shown.clone();
+        let reason = self.scrub(f.message());
+        match f {
+            Failure::Timeout(_) => SourceError::Timeout { url, reason },
+            Failure::Rejected(_) => SourceError::Rejected {
+                url,
+                user: self.user(),
+                reason,
+            },
+            Failure::UnknownHostKey(_) | Failure::ChangedHostKey(_) | Failure::Tls(_) => {
+                SourceError::Untrusted { url, reason }
+            }
+            Failure::NoSuchRef(_) => SourceError::RefNotFound {
+                url,
+                reference: reason,
+            },
+            Failure::Unreachable(_) => SourceError::ListRefs { url, reason },
+            Failure::Other(_) => match step {
+                Step::List => SourceError::ListRefs { url, reason },
+                Step::Fetch => SourceError::Fetch { url, reason },
+            },
+        }
+    }
+
+    /// Checks the watched branch and fetches it if it moved: one protocol
+    /// v2 listing of that branch when it did not.
+    async fn poll(&self) -> Result<Revision, SourceError> {
+        let _guard = self.repo.lock().await;
+        let known = self
+            .branch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let branch = match known {
+            Some(b) => b,
+            None => self.discover_branch().await?,
         };
-        *self.branch.lock().unwrap_or_else(|e| e.into_inner()) = Some(branch.clone());
         let tracking = tracking_ref(&branch);
-        let local = repo.refname_to_id(&tracking).ok();
-        let have = repo.find_commit(remote_oid).is_ok();
-        if local != Some(remote_oid) || !have {
-            self.fetch(&mut remote, &format!("+refs/heads/{branch}:{tracking}"))?;
-            info!(url = %self.shown, branch = %branch, commit = %remote_oid, "fetched");
+        let mirror = self.mirror();
+        let before = self.local(move |repo| Ok(repo.refname_to_id(&tracking).ok()))?;
+        // Shallow the first time: the watched commit is all a reconcile needs.
+        let depth = before.is_none().then_some(1);
+        let refspec = format!("+refs/heads/{branch}:{}", tracking_ref(&branch));
+        match self.transport.fetch(&mirror, &refspec, depth).await {
+            Ok(()) => {}
+            Err(Failure::NoSuchRef(_)) if self.cfg.branch.is_none() => {
+                // The remote's default branch may have changed: ask again.
+                *self.branch.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err(SourceError::RefNotFound {
+                    url: self.shown.clone(),
+                    reference: format!(
+                        "refs/heads/{branch} (the remote's default branch until now)"
+                    ),
+                });
+            }
+            Err(Failure::NoSuchRef(_)) => {
+                return Err(SourceError::RefNotFound {
+                    url: self.shown.clone(),
+                    reference: format!("refs/heads/{branch}"),
+                })
+            }
+            Err(f) => return Err(self.failed(Step::Fetch, f)),
+        }
+        let tracking = tracking_ref(&branch);
+        let (oid, rev) = self.local(move |repo| {
+            let oid = repo.refname_to_id(&tracking)?;
+            Ok((oid, revision(repo, oid)?))
+        })?;
+        if before != Some(oid) {
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            info!(url = %self.shown, branch = %branch, commit = %oid, "fetched");
+            self.maintain().await;
         } else {
-            debug!(url = %self.shown, branch = %branch, "remote unchanged; no fetch");
+            debug!(url = %self.shown, branch = %branch, "remote unchanged");
         }
-        // A remote can advertise one id and send another only if it is
-        // broken or hostile: trust what the mirror holds now.
-        let oid = repo
-            .refname_to_id(&tracking)
-            .map_err(|e| self.local_err(&e))?;
-        if oid != remote_oid {
-            warn!(url = %self.shown, advertised = %remote_oid, fetched = %oid, "remote moved during the fetch");
-        }
-        revision(&repo, oid).map_err(|e| self.local_err(&e))
+        Ok(rev)
     }
 
-    fn resolve_blocking(&self, rev: &str) -> Result<Revision, SourceError> {
-        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
+    /// The remote's default branch (its HEAD), asked once and remembered.
+    async fn discover_branch(&self) -> Result<String, SourceError> {
+        let branch = self
+            .transport
+            .default_branch()
+            .await
+            .map_err(|f| self.failed(Step::List, f))?
+            .ok_or_else(|| SourceError::RefNotFound {
+                url: self.shown.clone(),
+                reference: "HEAD (the remote's default branch)".into(),
+            })?;
+        *self.branch.lock().unwrap_or_else(|e| e.into_inner()) = Some(branch.clone());
+        Ok(branch)
+    }
+
+    /// Runs `f` on the mirror with libgit2, its errors as local errors.
+    fn local<T>(
+        &self,
+        f: impl FnOnce(&Repository) -> Result<T, git2::Error>,
+    ) -> Result<T, SourceError> {
+        let repo = self.open()?;
+        f(&repo).map_err(|e| self.local_err(&e))
+    }
+
+    /// Keeps the mirror small: consolidates packs past [`MAX_PACKS`], and
+    /// drops pins and pull-request refs beyond those kept. Best effort.
+    async fn maintain(&self) {
+        let packs = std::fs::read_dir(self.mirror().join("objects/pack"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if packs > MAX_PACKS {
+            match self.transport.repack(&self.mirror()).await {
+                Ok(()) => info!(packs, "mirror repacked"),
+                Err(f) => warn!(error = %self.scrub(f.message()), "repacking the mirror failed"),
+            }
+        }
+        let pruned = self.local(|repo| {
+            let mut n = prune_refs(repo, "refs/sluice/keep/", KEEP_REFS)?;
+            n += prune_refs(repo, "refs/sluice/fetched/", FETCHED_REFS)?;
+            Ok(n)
+        });
+        if let Ok(n @ 1..) = pruned {
+            debug!(refs = n, "old pins dropped from the mirror");
+        }
+    }
+
+    /// Fetches the commit `rev` (a full or abbreviated id) names: by id when
+    /// it is full, else by deepening the watched branch until it is there.
+    async fn deepen_to(&self, rev: &str) -> Result<(), SourceError> {
+        if rev.len() == 40 {
+            if let Ok(oid) = Oid::from_str(rev) {
+                return self.ensure_commit(oid).await;
+            }
+        }
+        let found = |s: &Self| s.resolve_local(rev).is_ok();
+        let branch = self
+            .branch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(branch) = branch {
+            let refspec = format!("+refs/heads/{branch}:{}", tracking_ref(&branch));
+            for by in [16, 256, 4096] {
+                self.transport
+                    .deepen(&self.mirror(), &refspec, by)
+                    .await
+                    .map_err(|f| self.failed(Step::Fetch, f))?;
+                if found(self) {
+                    return Ok(());
+                }
+            }
+        }
+        Err(SourceError::CommitNotFound {
+            url: self.shown.clone(),
+            commit: rev.to_string(),
+        })
+    }
+
+    /// Fetches `oid` if the mirror lacks it (a commit named by hand, the
+    /// parent of a commit to revert): by id, then by deepening the watched
+    /// branch.
+    async fn ensure_commit(&self, oid: Oid) -> Result<(), SourceError> {
+        let have = |s: &Self| s.local(|repo| Ok(repo.find_commit(oid).is_ok()));
+        if have(self)? {
+            return Ok(());
+        }
+        let mirror = self.mirror();
+        let by_id = format!("+{oid}:refs/sluice/wanted/{oid}");
+        if self.transport.fetch(&mirror, &by_id, Some(1)).await.is_ok() && have(self)? {
+            return Ok(());
+        }
+        let branch = self
+            .branch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(branch) = branch {
+            let refspec = format!("+refs/heads/{branch}:{}", tracking_ref(&branch));
+            for by in [16, 256, 4096] {
+                self.transport
+                    .deepen(&mirror, &refspec, by)
+                    .await
+                    .map_err(|f| self.failed(Step::Fetch, f))?;
+                if have(self)? {
+                    return Ok(());
+                }
+            }
+        }
+        Err(SourceError::CommitNotFound {
+            url: self.shown.clone(),
+            commit: oid.to_string(),
+        })
+    }
+
+    fn resolve_local(&self, rev: &str) -> Result<Revision, SourceError> {
         let repo = self.open()?;
         let not_found = || SourceError::CommitNotFound {
             url: self.shown.clone(),
@@ -301,12 +467,7 @@ impl Inner {
         Err(not_found())
     }
 
-    fn snapshot_blocking(
-        &self,
-        commit: &CommitId,
-        limits: &Limits,
-    ) -> Result<Snapshot, SourceError> {
-        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
+    fn snapshot_local(&self, commit: &CommitId, limits: &Limits) -> Result<Snapshot, SourceError> {
         let repo = self.open()?;
         let oid = Oid::from_str(commit.as_str()).map_err(|e| self.local_err(&e))?;
         let c = repo
@@ -410,7 +571,8 @@ impl Inner {
         })
     }
 
-    fn fetch_ref_blocking(&self, name: &str) -> Result<Revision, SourceError> {
+    /// Fetches one ref (a pull request's base or head) shallowly.
+    async fn fetch_ref(&self, name: &str) -> Result<Revision, SourceError> {
         let bad = name.is_empty()
             || name.starts_with('-')
             || name.contains("..")
@@ -425,35 +587,47 @@ impl Inner {
                 reference: name.chars().take(80).collect(),
             });
         }
-        {
-            let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
-            let repo = self.open()?;
-            let mut remote = repo
-                .remote_anonymous(&self.url)
-                .map_err(|e| self.list_err(&e))?;
-            let (source, dest) = if name.starts_with("refs/") {
-                (
-                    name.to_string(),
-                    format!("refs/sluice/fetched/{}", name.trim_start_matches("refs/")),
-                )
-            } else {
-                (format!("refs/heads/{name}"), tracking_ref(name))
-            };
-            self.fetch(&mut remote, &format!("+{source}:{dest}"))?;
-            if let Ok(oid) = repo.refname_to_id(&dest) {
-                return revision(&repo, oid).map_err(|e| self.local_err(&e));
+        let _guard = self.repo.lock().await;
+        let (source, dest) = if name.starts_with("refs/") {
+            (
+                name.to_string(),
+                format!("refs/sluice/fetched/{}", name.trim_start_matches("refs/")),
+            )
+        } else {
+            (format!("refs/heads/{name}"), tracking_ref(name))
+        };
+        let fetched = self
+            .transport
+            .fetch(&self.mirror(), &format!("+{source}:{dest}"), Some(1))
+            .await;
+        match fetched {
+            Ok(()) => {
+                let rev = self.local(|repo| {
+                    let oid = repo.refname_to_id(&dest)?;
+                    revision(repo, oid)
+                })?;
+                self.maintain().await;
+                Ok(rev)
             }
+            // Not a branch on the remote: maybe a tag or commit known here.
+            Err(Failure::NoSuchRef(_)) => self.resolve_local(name),
+            Err(f) => Err(self.failed(Step::Fetch, f)),
         }
-        self.resolve_blocking(name)
     }
 
-    fn push_revert_blocking(
-        &self,
-        failed: &CommitId,
-        message: &str,
-    ) -> Result<String, SourceError> {
-        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
-        let repo = self.open()?;
+    /// Commits the revert of `failed` on top of the watched branch and
+    /// pushes it to a branch of its own.
+    async fn push_revert(&self, failed: &CommitId, message: &str) -> Result<String, SourceError> {
+        let _guard = self.repo.lock().await;
+        let bad = Oid::from_str(failed.as_str()).map_err(|e| self.local_err(&e))?;
+        // Reverting needs the failed commit's parent.
+        let parent = self.local(|repo| {
+            let c = repo.find_commit(bad)?;
+            Ok(c.parent_id(0).ok())
+        })?;
+        if let Some(p) = parent {
+            self.ensure_commit(p).await?;
+        }
         let branch = self
             .branch
             .lock()
@@ -463,56 +637,49 @@ impl Inner {
                 path: self.mirror().display().to_string(),
                 reason: "the watched branch is not known yet (no successful poll)".into(),
             })?;
-        let head_id = repo
-            .refname_to_id(&tracking_ref(&branch))
-            .map_err(|e| self.local_err(&e))?;
-        let head = repo.find_commit(head_id).map_err(|e| self.local_err(&e))?;
-        let bad = repo
-            .find_commit(Oid::from_str(failed.as_str()).map_err(|e| self.local_err(&e))?)
-            .map_err(|e| self.local_err(&e))?;
-        let mut index = repo
-            .revert_commit(&bad, &head, 0, None)
-            .map_err(|e| self.local_err(&e))?;
-        if index.has_conflicts() {
-            return Err(SourceError::Local {
-                path: self.mirror().display().to_string(),
-                reason: format!(
-                    "reverting {} conflicts with later commits; revert it by hand",
-                    failed.short()
-                ),
-            });
+        let short = failed.short().to_string();
+        let local = format!("refs/sluice/revert/{short}");
+        let conflict = || SourceError::Local {
+            path: self.mirror().display().to_string(),
+            reason: format!(
+                "reverting {} conflicts with later commits; revert it by hand",
+                failed.short()
+            ),
+        };
+        let made = self.local(|repo| {
+            let head_id = repo.refname_to_id(&tracking_ref(&branch))?;
+            let head = repo.find_commit(head_id)?;
+            let bad = repo.find_commit(bad)?;
+            let mut index = repo.revert_commit(&bad, &head, 0, None)?;
+            if index.has_conflicts() {
+                return Ok(None);
+            }
+            let tree_id = index.write_tree_to(repo)?;
+            let tree = repo.find_tree(tree_id)?;
+            let sig = git2::Signature::now("sluice", "sluice@localhost")?;
+            let commit = repo.commit(None, &sig, &sig, message, &tree, &[&head])?;
+            repo.reference(&local, commit, true, "sluice: revert")?;
+            Ok(Some(commit))
+        })?;
+        if made.is_none() {
+            return Err(conflict());
         }
-        let tree_id = index.write_tree_to(&repo).map_err(|e| self.local_err(&e))?;
-        let tree = repo.find_tree(tree_id).map_err(|e| self.local_err(&e))?;
-        let sig =
-            git2::Signature::now("sluice", "sluice@localhost").map_err(|e| self.local_err(&e))?;
-        let commit = repo
-            .commit(None, &sig, &sig, message, &tree, &[&head])
-            .map_err(|e| self.local_err(&e))?;
-        let name = format!("sluice/revert-{}", failed.short());
-        let local = format!("refs/sluice/revert/{}", failed.short());
-        repo.reference(&local, commit, true, "sluice: revert")
-            .map_err(|e| self.local_err(&e))?;
-        let mut remote = repo
-            .remote_anonymous(&self.url)
-            .map_err(|e| self.list_err(&e))?;
-        let mut po = git2::PushOptions::new();
-        po.remote_callbacks(self.callbacks());
-        remote
-            .push(
-                &[format!("+{local}:refs/heads/{name}").as_str()],
-                Some(&mut po),
-            )
-            .map_err(|e| SourceError::Fetch {
-                url: self.shown.clone(),
-                reason: format!("pushing {name}: {}", self.scrub(e.message())),
+        let name = format!("sluice/revert-{short}");
+        self.transport
+            .push(&self.mirror(), &format!("+{local}:refs/heads/{name}"))
+            .await
+            .map_err(|f| match self.failed(Step::Fetch, f) {
+                SourceError::Fetch { url, reason } => SourceError::Fetch {
+                    url,
+                    reason: format!("pushing {name}: {reason}"),
+                },
+                other => other,
             })?;
         info!(url = %self.shown, branch = %name, "revert pushed");
         Ok(name)
     }
 
-    fn keep_blocking(&self, commit: &CommitId) -> Result<(), SourceError> {
-        let _guard = self.repo.lock().unwrap_or_else(|e| e.into_inner());
+    fn keep_local(&self, commit: &CommitId) -> Result<(), SourceError> {
         let repo = self.open()?;
         let oid = Oid::from_str(commit.as_str()).map_err(|e| self.local_err(&e))?;
         repo.reference(
@@ -523,28 +690,6 @@ impl Inner {
         )
         .map_err(|e| self.local_err(&e))?;
         Ok(())
-    }
-
-    /// One fetch of `refspec`, no tags, counted for tests and benchmarks.
-    fn fetch(&self, remote: &mut git2::Remote<'_>, refspec: &str) -> Result<(), SourceError> {
-        let mut fo = FetchOptions::new();
-        fo.remote_callbacks(self.callbacks())
-            .download_tags(AutotagOption::None);
-        remote
-            .fetch(&[refspec], Some(&mut fo), None)
-            .map_err(|e| SourceError::Fetch {
-                url: self.shown.clone(),
-                reason: self.scrub(e.message()),
-            })?;
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn list_err(&self, e: &git2::Error) -> SourceError {
-        SourceError::ListRefs {
-            url: self.shown.clone(),
-            reason: self.scrub(e.message()),
-        }
     }
 
     fn local_err(&self, e: &git2::Error) -> SourceError {
@@ -588,41 +733,104 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// A full or abbreviated commit id (at least 7 hex digits).
+fn is_commit_id(s: &str) -> bool {
+    (7..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// What a git run was doing, for errors that name no cause.
+#[derive(Clone, Copy)]
+enum Step {
+    List,
+    Fetch,
+}
+
+/// Deletes all but the `keep` refs under `prefix` whose commits are the
+/// newest; returns how many went.
+fn prune_refs(repo: &Repository, prefix: &str, keep: usize) -> Result<usize, git2::Error> {
+    let mut refs: Vec<(i64, String)> = Vec::new();
+    for r in repo.references_glob(&format!("{prefix}*"))? {
+        let r = r?;
+        let (Some(name), Ok(c)) = (r.name().ok().map(str::to_string), r.peel_to_commit()) else {
+            continue;
+        };
+        refs.push((c.committer().when().seconds(), name));
+    }
+    if refs.len() <= keep {
+        return Ok(0);
+    }
+    refs.sort_by(|a, b| b.cmp(a));
+    let mut n = 0;
+    for (_, name) in refs.into_iter().skip(keep) {
+        repo.find_reference(&name)?.delete()?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Runs a local (libgit2) step on the blocking pool, one user of the
+/// mirror at a time.
+async fn local<T: Send + 'static>(
+    s: Arc<Inner>,
+    f: impl FnOnce(&Inner) -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    let guard = s.repo.clone().lock_owned().await;
+    blocking(move || {
+        let _guard = guard;
+        f(&s)
+    })
+    .await
+}
+
 #[async_trait::async_trait]
 impl Source for GitSource {
     async fn poll(&self) -> Result<Revision, SourceError> {
-        let s = self.0.clone();
-        blocking(move || s.poll_blocking()).await
+        self.0.poll().await
     }
 
     async fn resolve(&self, rev: &str) -> Result<Revision, SourceError> {
-        let s = self.0.clone();
-        let rev = rev.to_string();
-        blocking(move || s.resolve_blocking(&rev)).await
+        let name = rev.to_string();
+        let found = local(self.0.clone(), move |s| s.resolve_local(&name)).await;
+        match found {
+            // A commit older than the shallow mirror: fetch it, if the
+            // remote answers; offline, the local answer stands.
+            Err(SourceError::CommitNotFound { .. }) if is_commit_id(rev) => {
+                let _guard = self.0.repo.lock().await;
+                if self.0.deepen_to(rev).await.is_ok() {
+                    drop(_guard);
+                    let name = rev.to_string();
+                    return local(self.0.clone(), move |s| s.resolve_local(&name)).await;
+                }
+                found
+            }
+            other => other,
+        }
     }
 
     async fn snapshot(&self, commit: &CommitId, limits: &Limits) -> Result<Snapshot, SourceError> {
-        let s = self.0.clone();
         let (commit, limits) = (commit.clone(), *limits);
-        blocking(move || s.snapshot_blocking(&commit, &limits)).await
+        local(self.0.clone(), move |s| s.snapshot_local(&commit, &limits)).await
     }
 
     async fn fetch_ref(&self, name: &str) -> Result<Revision, SourceError> {
-        let s = self.0.clone();
-        let name = name.to_string();
-        blocking(move || s.fetch_ref_blocking(&name)).await
+        if is_commit_id(name) {
+            return self.resolve(name).await;
+        }
+        self.0.fetch_ref(name).await
     }
 
     async fn push_revert(&self, failed: &CommitId, message: &str) -> Result<String, SourceError> {
-        let s = self.0.clone();
-        let (failed, message) = (failed.clone(), message.to_string());
-        blocking(move || s.push_revert_blocking(&failed, &message)).await
+        self.0.push_revert(failed, message).await
     }
 
     async fn keep(&self, commit: &CommitId) -> Result<(), SourceError> {
-        let s = self.0.clone();
         let commit = commit.clone();
-        blocking(move || s.keep_blocking(&commit)).await
+        local(self.0.clone(), move |s| {
+            s.keep_local(&commit)?;
+            s.local(|repo| prune_refs(repo, "refs/sluice/keep/", KEEP_REFS))?;
+            Ok(())
+        })
+        .await
     }
 
     fn watched_branch(&self) -> Option<String> {
@@ -694,9 +902,13 @@ pub fn validate_url(url: &str, allow_insecure: bool) -> Result<String, SourceErr
             )),
         };
     }
-    // scp-like: user@host:path (no slash before the colon).
+    // scp-like: [user@]host:path (no slash before the colon), as git reads
+    // it when no such local path exists.
     if let Some((host, path)) = url.split_once(':') {
-        if !host.contains('/') && host.contains('@') && !path.is_empty() {
+        let scp = !host.contains('/')
+            && !path.is_empty()
+            && (host.contains('@') || !Path::new(url).exists());
+        if scp {
             let host_part = host.rsplit('@').next().unwrap_or("");
             if host_part.is_empty() || host_part.starts_with('-') {
                 return Err(invalid("bad host"));

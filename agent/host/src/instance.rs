@@ -174,10 +174,14 @@ impl Supervisor {
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         // A new process group, no terminal, output to the log; the child
         // handle is dropped (tokio reaps it if it exits while we run).
+        // The supervisor needs nothing of the agent's environment: the
+        // service's own is in the spec.
         let child = tokio::process::Command::new(&self.exe)
             .arg("supervise")
             .arg("--spec")
             .arg(&spec_path)
+            .env_clear()
+            .envs(crate::inherited_env())
             .process_group(0)
             .current_dir(&spec.cwd)
             .stdin(std::process::Stdio::null())

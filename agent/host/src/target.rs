@@ -310,10 +310,9 @@ impl HostTarget {
                 }
                 s
             };
-            // The agent's own settings (tokens included) never reach services.
-            let mut env: BTreeMap<String, String> = std::env::vars()
-                .filter(|(k, _)| !k.starts_with("SLUICE_"))
-                .collect();
+            // Of the agent's environment a service sees only the basics:
+            // its tokens and settings never reach services.
+            let mut env = crate::inherited_env();
             env.extend(spec.env.iter().map(|(k, v)| (k.clone(), subst(v))));
             env.insert("PORT".into(), port.to_string());
             let command = if spec.command.contains("${") {
@@ -690,8 +689,11 @@ impl HostTarget {
                 "--config".into(),
                 config.display().to_string(),
             ],
-            env: std::env::vars()
-                .filter(|(k, _)| !k.starts_with("SLUICE_") || k == "SLUICE_LOG")
+            env: crate::inherited_env()
+                .into_iter()
+                .chain(
+                    std::env::vars().filter(|(k, _)| k == "SLUICE_LOG" || k == "SLUICE_LOG_FORMAT"),
+                )
                 .collect(),
             cwd: self.cfg.state_dir.clone(),
             restart: Restart {

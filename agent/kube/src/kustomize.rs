@@ -84,9 +84,29 @@ fn build(snapshot: &Snapshot, root: &str, file: &str) -> Result<String, RenderEr
     } else {
         cmd.arg("kustomize");
     }
+    // kustomize needs no cluster and none of the agent's secrets: the
+    // basics, and the proxies remote bases are fetched through.
+    let keep = |k: &str| {
+        matches!(
+            k,
+            "PATH"
+                | "HOME"
+                | "USER"
+                | "LANG"
+                | "TZ"
+                | "TMPDIR"
+                | "HTTPS_PROXY"
+                | "HTTP_PROXY"
+                | "NO_PROXY"
+                | "https_proxy"
+                | "http_proxy"
+                | "no_proxy"
+        ) || k.starts_with("LC_")
+    };
     let output = cmd
         .arg(&target)
-        .env_remove("KUBECONFIG")
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| keep(k)))
         .output()
         .map_err(|e| invalid(format!("running {}: {e}", program.display())))?;
     if !output.status.success() {
