@@ -114,7 +114,65 @@ fn shop(strategy: &str, settings: &str) -> Shop {
     shop
 }
 
-const CANARY: &str = "    canary:\n      steps: [10, 50, 100]\n      interval: 2s\n    analysis:\n      minRequests: 20\n";
+/// The analysis as the traffic needs it: a first step long enough
+/// for the canary's share of a few hundred requests a second to tell 5%
+/// errors or a slow tail from the baseline's noise (`cargo bench --bench
+/// canary` prints how often each is caught at which traffic).
+const CANARY: &str = "    canary:\n      steps: [{weight: 20, for: 8s}, {weight: 50, for: 3s}, 100]\n      interval: 2s\n    analysis:\n      minRequests: 50\n";
+
+/// Baseline-like noise for every catalog release: each request fails with
+/// probability 0.5%, latency 10 ms plus exponential jitter of mean 5 ms;
+/// seeded, so a release serves the same sequence each run.
+const NOISE: [(&str, &str); 4] = [
+    ("DEMO_ERROR_RATE", "0.005"),
+    ("DEMO_LATENCY_MS", "10"),
+    ("DEMO_LATENCY_JITTER_MS", "5"),
+    ("DEMO_SEED", "1"),
+];
+
+/// Sets catalog's environment variables, replacing a value already set.
+fn set_env(shop: &Shop, vars: &[(&str, &str)]) {
+    let rel = "services/catalog/catalog.yaml";
+    let path = shop.repo().join(rel);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for (k, v) in vars {
+        let line = format!("    {k}: \"{v}\"\n");
+        match text.find(&format!("    {k}: ")) {
+            Some(at) => {
+                let end = at + text[at..].find('\n').unwrap() + 1;
+                text.replace_range(at..end, &line);
+            }
+            None => text = text.replacen("  env:\n", &format!("  env:\n{line}"), 1),
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// A shop with baseline-like noise on catalog, rolled out with `CANARY`
+/// (`first` replacing the first step).
+fn noisy_shop(first: &str) -> Shop {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    set_env(&shop, &NOISE);
+    let settings = CANARY.replace("{weight: 20, for: 8s}", first);
+    shop.edit(
+        "sluice.yaml",
+        "  catalog:\n    path: services/catalog\n",
+        &format!("  catalog:\n    path: services/catalog\n    strategy: canary\n    criticality: critical\n    soak: 0s\n{settings}"),
+    );
+    shop.commit("catalog rolls out as a canary; noisy like a real service");
+    let first = shop.sluice(&["apply"]);
+    assert_eq!(first.code, 0, "{}", first.all());
+    shop
+}
+
+/// Releases catalog 2.0.0 with these environment variables changed (and a
+/// seed of its own).
+fn release_with(shop: &Shop, vars: &[(&str, &str)]) -> String {
+    shop.set_versions(&["2.0.0", "1.0.0", "1.0.0"]);
+    set_env(shop, &[("DEMO_SEED", "2")]);
+    set_env(shop, vars);
+    shop.commit("catalog 2.0.0")
+}
 
 /// Releases catalog 2.0.0 with `env` added to its environment.
 fn release(shop: &Shop, env: &str) -> String {
@@ -127,6 +185,28 @@ fn release(shop: &Shop, env: &str) -> String {
         );
     }
     shop.commit("catalog 2.0.0")
+}
+
+/// Rolls the release out under load (4 client loops); the stopped
+/// rollout's decision, with its verdicts, and what the clients saw.
+fn stopped(shop: &Shop) -> (Value, Tally) {
+    let load = Load::start(shop.ports["catalog"], 4, Duration::ZERO);
+    let out = shop.sluice(&["apply"]);
+    let tally = load.stop();
+    assert_eq!(out.code, 1, "the rollout must be reverted: {}", out.all());
+    (last_deploy(shop), tally)
+}
+
+/// The rollout stopped at its first step on `metric`, traffic back on the
+/// baseline, no request lost.
+fn stopped_at_first_step(entry: &Value, tally: &Tally, metric: &str) {
+    let d = &entry["decision"];
+    assert_eq!(d["gate"], format!("canary analysis: {metric}"), "{entry:#}");
+    assert!(d["restoredMs"].as_u64().is_some(), "{entry:#}");
+    let v = verdicts(entry);
+    assert!(v.iter().all(|(step, w, _)| *step == 1 && *w == 20), "{v:?}");
+    assert_eq!(v.last().map(|x| x.2.as_str()), Some("fail"), "{v:?}");
+    assert_eq!(tally.lost, 0, "{tally:?}");
 }
 
 fn status(shop: &Shop) -> Value {
@@ -183,9 +263,14 @@ fn catalog_versions(shop: &Shop) -> Vec<String> {
 /// After an abort: the next answers all come from the baseline and only
 /// the baseline runs.
 fn all_on_baseline(shop: &Shop) {
+    // Any answer, a noisy baseline's 500s included, names its version.
     for _ in 0..30 {
-        let v = shop.get_json("catalog", "/");
-        assert_eq!(v["version"], "1.0.0", "traffic not back on the baseline");
+        let (_, body) = shop.get("catalog", "/").expect("catalog answers");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert_eq!(
+            v["version"], "1.0.0",
+            "traffic not back on the baseline: {body}"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while catalog_versions(shop) != ["1.0.0"] && Instant::now() < deadline {
@@ -196,60 +281,128 @@ fn all_on_baseline(shop: &Shop) {
 
 #[test]
 fn a_release_with_5_percent_errors_is_stopped_at_the_first_step() {
-    let shop = shop("canary", CANARY);
-    release(&shop, "    DEMO_ERROR_RATE: \"0.05\"\n");
-    let load = Load::start(shop.ports["catalog"], 2, Duration::from_millis(5));
-    let out = shop.sluice(&["apply"]);
-    let tally = load.stop();
-    assert_eq!(out.code, 1, "the rollout must be reverted: {}", out.all());
-    let entry = last_deploy(&shop);
-    let d = &entry["decision"];
-    assert_eq!(d["gate"], "canary analysis: error-rate", "{entry:#}");
-    assert!(d["restoredMs"].as_u64().is_some(), "{entry:#}");
+    let shop = noisy_shop("{weight: 20, for: 8s}");
+    release_with(&shop, &[("DEMO_ERROR_RATE", "0.05")]);
+    let (entry, tally) = stopped(&shop);
+    stopped_at_first_step(&entry, &tally, "error-rate");
+    let m = entry["decision"]["measurement"].as_str().unwrap();
+    assert!(m.contains("error rate") && m.contains("vs baseline"), "{m}");
+    // The clients saw the canary's errors.
     assert!(
-        d["measurement"].as_str().unwrap().contains("error rate"),
-        "{d}"
-    );
-    // Stopped at the first step: every verdict is at 10%, the last a fail.
-    let v = verdicts(&entry);
-    assert!(v.iter().all(|(step, w, _)| *step == 1 && *w == 10), "{v:?}");
-    assert_eq!(v.last().map(|x| x.2.as_str()), Some("fail"), "{v:?}");
-    // The clients saw the canary's errors, and never one from the baseline.
-    assert!(
-        tally.failed.get("2.0.0").is_some_and(|n| *n >= 1),
+        tally.failed.get("2.0.0").is_some_and(|n| *n >= 5),
         "{tally:?}"
     );
-    assert_eq!(tally.failed.get("1.0.0"), None, "{tally:?}");
-    assert_eq!(tally.lost, 0, "{tally:?}");
     all_on_baseline(&shop);
     let text = shop.sluice(&["status"]).stdout;
     assert!(
         text.contains("all traffic back on the baseline in"),
         "{text}"
     );
+    // One wave, numbered the same in the record and the text; the DORA
+    // line's figures share one denominator.
+    assert_eq!(entry["decision"]["wave"], 1, "{entry:#}");
+    assert!(
+        text.contains("Last abort: wave 1, gate canary analysis: error-rate"),
+        "{text}"
+    );
+    assert!(
+        text.contains("DORA: 2 deployments (1 succeeded, 1 failed;")
+            && text.contains("change failure rate 50% (1 of 2)"),
+        "{text}"
+    );
 }
 
 #[test]
-fn a_release_200ms_slower_is_stopped() {
-    let shop = shop("canary", CANARY);
-    release(&shop, "    DEMO_LATENCY_MS: \"200\"\n");
-    let load = Load::start(shop.ports["catalog"], 4, Duration::from_millis(5));
+fn a_release_200ms_slower_is_stopped_at_the_first_step() {
+    let shop = noisy_shop("{weight: 20, for: 8s}");
+    release_with(&shop, &[("DEMO_LATENCY_MS", "210")]);
+    let (entry, tally) = stopped(&shop);
+    let gate = entry["decision"]["gate"].as_str().unwrap_or("").to_string();
+    let metric = gate.trim_start_matches("canary analysis: ");
+    assert!(
+        ["latency-p95", "latency-p99"].contains(&metric),
+        "{entry:#}"
+    );
+    stopped_at_first_step(&entry, &tally, metric);
+    all_on_baseline(&shop);
+}
+
+#[test]
+fn a_slow_tail_of_2_percent_is_stopped_at_the_first_step_on_p99() {
+    // 2% of requests 400 ms slower: the median and p95 do not move, p99
+    // does. The first step is longer: a 2% tail takes a thousand canary
+    // requests or so to tell from noise.
+    let shop = noisy_shop("{weight: 20, for: 20s}");
+    release_with(
+        &shop,
+        &[("DEMO_SLOW_SHARE", "0.02"), ("DEMO_SLOW_MS", "400")],
+    );
+    let (entry, tally) = stopped(&shop);
+    stopped_at_first_step(&entry, &tally, "latency-p99");
+    let m = entry["decision"]["measurement"].as_str().unwrap();
+    assert!(m.starts_with("p99 "), "{m}");
+    all_on_baseline(&shop);
+}
+
+#[test]
+fn errors_that_start_mid_step_are_stopped_in_that_step() {
+    // Clean for 6 s after the canary starts, then 10% errors: judged on
+    // the windows since they started, not diluted by the clean part.
+    let shop = noisy_shop("{weight: 20, for: 20s}");
+    release_with(
+        &shop,
+        &[("DEMO_ERROR_RATE", "0.1"), ("DEMO_ERRORS_AFTER_MS", "6000")],
+    );
+    let (entry, tally) = stopped(&shop);
+    stopped_at_first_step(&entry, &tally, "error-rate");
+    // Not before the onset: the failing verdict counts several seconds of
+    // the canary's traffic in the step (about 40 requests a second).
+    let last = entry["analysis"].as_array().and_then(|a| a.last()).unwrap();
+    assert!(
+        last["canary"]["requests"].as_u64().unwrap() >= 150,
+        "{last:#}"
+    );
+    all_on_baseline(&shop);
+}
+
+#[test]
+fn a_release_that_exits_at_start_fails_after_its_third_exit() {
+    let shop = noisy_shop("{weight: 20, for: 8s}");
+    release_with(&shop, &[("DEMO_FAIL_START", "true")]);
     let out = shop.sluice(&["apply"]);
-    let tally = load.stop();
     assert_eq!(out.code, 1, "{}", out.all());
     let entry = last_deploy(&shop);
-    let gate = entry["decision"]["gate"].as_str().unwrap_or("").to_string();
-    assert!(gate.starts_with("canary analysis: latency-p9"), "{entry:#}");
-    assert_eq!(verdicts(&entry).last().map(|x| x.1), Some(10), "{entry:#}");
-    assert_eq!(tally.lost, 0, "{tally:?}");
+    let d = &entry["decision"];
+    assert_eq!(d["gate"], "canary analysis: start", "{entry:#}");
+    let m = d["measurement"].as_str().unwrap();
+    // The policy's three exits, not the readiness timeout; the exit status
+    // and the release's own last words.
+    assert!(m.contains("exited 3 time(s) while starting"), "{m}");
+    assert!(m.contains("exit status: 1") || m.contains("code 1"), "{m}");
+    assert!(m.contains("failing at start as asked"), "{m}");
+    all_on_baseline(&shop);
+}
+
+#[test]
+fn a_release_that_crashes_after_it_was_ready_fails_as_a_crash() {
+    let shop = noisy_shop("{weight: 20, for: 20s}");
+    release_with(&shop, &[("DEMO_CRASH_AFTER_MS", "3000")]);
+    let (entry, _) = stopped(&shop);
+    let d = &entry["decision"];
+    assert_eq!(d["gate"], "canary analysis: crash", "{entry:#}");
+    let m = d["measurement"].as_str().unwrap();
+    assert!(m.contains("exited after it was ready"), "{m}");
+    assert!(m.contains("crashing as asked"), "{m}");
     all_on_baseline(&shop);
 }
 
 #[test]
 fn a_good_release_promotes_through_every_step() {
-    let shop = shop("canary", CANARY);
-    release(&shop, "");
-    let load = Load::start(shop.ports["catalog"], 2, Duration::from_millis(5));
+    // Baseline-like noise in both releases: nothing changed but the
+    // version, and nothing is aborted.
+    let shop = noisy_shop("{weight: 20, for: 8s}");
+    release_with(&shop, &[]);
+    let load = Load::start(shop.ports["catalog"], 4, Duration::ZERO);
     let out = shop.sluice(&["apply"]);
     std::thread::sleep(Duration::from_millis(1000));
     let tally = load.stop();
@@ -257,15 +410,15 @@ fn a_good_release_promotes_through_every_step() {
     let entry = last_deploy(&shop);
     assert_eq!(entry["outcome"], "succeeded");
     let v = verdicts(&entry);
-    // One passing verdict per judged step (10%, 50%); then 100% promotes.
+    // One passing verdict per judged step (20%, 50%); then 100% promotes.
     let passed: Vec<(u64, u64)> = v
         .iter()
         .filter(|x| x.2 == "pass")
         .map(|x| (x.0, x.1))
         .collect();
-    assert_eq!(passed, [(1, 10), (2, 50)], "{v:?}");
-    assert!(tally.ok.get("2.0.0").is_some_and(|n| *n > 20), "{tally:?}");
-    assert!(tally.failed.is_empty() && tally.lost == 0, "{tally:?}");
+    assert_eq!(passed, [(1, 20), (2, 50)], "{v:?}");
+    assert!(tally.ok.get("2.0.0").is_some_and(|n| *n > 200), "{tally:?}");
+    assert_eq!(tally.lost, 0, "{tally:?}");
     assert!(tally.recent.iter().all(|v| v == "2.0.0"), "{tally:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while catalog_versions(&shop) != ["2.0.0"] && Instant::now() < deadline {
@@ -430,7 +583,7 @@ fn rolling_replaces_replicas_in_batches_and_loses_no_request() {
 fn prometheus_as_the_metrics_source() {
     let shop = shop(
         "canary",
-        "    canary:\n      steps: [10, 50, 100]\n      interval: 3s\n    analysis:\n      minRequests: 20\n",
+        "    canary:\n      steps: [{weight: 20, for: 10s}, {weight: 50, for: 3s}, 100]\n      interval: 3s\n    analysis:\n      minRequests: 20\n",
     );
     let admin = std::fs::read_to_string(shop.state().join("host/local/router.addr"))
         .expect("the router's admin address");
@@ -438,8 +591,8 @@ fn prometheus_as_the_metrics_source() {
     let url = format!("http://127.0.0.1:{}", prom.port);
 
     // A bad release is stopped at its first step, judged by Prometheus.
-    release(&shop, "    DEMO_ERROR_RATE: \"0.05\"\n");
-    let load = Load::start(shop.ports["catalog"], 2, Duration::from_millis(5));
+    release(&shop, "    DEMO_ERROR_RATE: \"0.1\"\n");
+    let load = Load::start(shop.ports["catalog"], 4, Duration::ZERO);
     let out = shop.sluice(&["apply", "--prometheus-url", &url]);
     load.stop();
     assert_eq!(out.code, 1, "{}", out.all());
@@ -448,7 +601,7 @@ fn prometheus_as_the_metrics_source() {
         entry["decision"]["gate"], "canary analysis: error-rate",
         "{entry:#}"
     );
-    assert!(verdicts(&entry).iter().all(|x| x.1 == 10), "{entry:#}");
+    assert!(verdicts(&entry).iter().all(|x| x.1 == 20), "{entry:#}");
     assert!(
         out.all().contains(&format!("prometheus at {url}")),
         "the analysis did not use Prometheus: {}",
@@ -459,7 +612,7 @@ fn prometheus_as_the_metrics_source() {
     // A good one promotes through every step.
     shop.edit(
         "services/catalog/catalog.yaml",
-        "    DEMO_ERROR_RATE: \"0.05\"\n",
+        "    DEMO_ERROR_RATE: \"0.1\"\n",
         "",
     );
     shop.set_versions(&["2.0.1", "1.0.0", "1.0.0"]);
@@ -473,5 +626,5 @@ fn prometheus_as_the_metrics_source() {
         .filter(|x| x.2 == "pass")
         .map(|x| x.1)
         .collect();
-    assert_eq!(passed, [10, 50]);
+    assert_eq!(passed, [20, 50]);
 }

@@ -107,6 +107,8 @@ fn resource(kind: &str, name: &str, spec: Value, strategy: Strategy) -> DesiredR
         redact: vec![],
         strategy,
         max_unavailable: None,
+        crash_restarts: None,
+        start_timeout: None,
         blobs: BTreeMap::new(),
     }
 }

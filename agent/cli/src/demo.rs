@@ -30,12 +30,32 @@ pub struct DemoArgs {
     /// Added to every `/` response.
     #[arg(long, env = "DEMO_LATENCY_MS", default_value_t = 0)]
     pub latency_ms: u64,
-    /// Up to this much more, varying per request.
+    /// Plus a random delay, exponentially distributed with this mean, per
+    /// request (how real services' latency spreads).
     #[arg(long, env = "DEMO_LATENCY_JITTER_MS", default_value_t = 0)]
     pub latency_jitter_ms: u64,
-    /// Share of `/` requests answered 500 (0.0 to 1.0).
+    /// A share of `/` requests (0.0 to 1.0) slower by `--slow-ms`: a slow
+    /// tail, which moves p99 and hardly the median.
+    #[arg(long, env = "DEMO_SLOW_SHARE", default_value_t = 0.0)]
+    pub slow_share: f64,
+    #[arg(long, env = "DEMO_SLOW_MS", default_value_t = 0)]
+    pub slow_ms: u64,
+    /// Each `/` request fails (500) with this probability (0.0 to 1.0),
+    /// independently of the others.
     #[arg(long, env = "DEMO_ERROR_RATE", default_value_t = 0.0)]
     pub error_rate: f64,
+    /// Requests fail only from this long after start (errors that start
+    /// late, as a leak or an expiring cache would make them).
+    #[arg(long, env = "DEMO_ERRORS_AFTER_MS", default_value_t = 0)]
+    pub errors_after_ms: u64,
+    /// Requests fail only while more than this many are in flight (errors
+    /// under concurrency, as an exhausted pool makes them).
+    #[arg(long, env = "DEMO_ERRORS_ABOVE_CONCURRENCY")]
+    pub errors_above_concurrency: Option<u64>,
+    /// Seed of the random errors and delays: the same seed gives the same
+    /// sequence per request number (default: from the clock and pid).
+    #[arg(long, env = "DEMO_SEED")]
+    pub seed: Option<u64>,
     /// /healthz answers 503 until this long after start.
     #[arg(long, env = "DEMO_READY_AFTER_MS", default_value_t = 0)]
     pub ready_after_ms: u64,
@@ -154,7 +174,9 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
 struct App {
     args: DemoArgs,
     started: Instant,
+    seed: u64,
     requests: AtomicU64,
+    in_flight: AtomicU64,
     /// Flags file cache: (mtime, resolved values).
     flags: Mutex<(Option<SystemTime>, Value)>,
 }
@@ -170,6 +192,15 @@ pub async fn main(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&args.error_rate) {
         anyhow::bail!("--error-rate must be between 0 and 1");
     }
+    if !(0.0..=1.0).contains(&args.slow_share) {
+        anyhow::bail!("--slow-share must be between 0 and 1");
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
+    });
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
     eprintln!(
         "{} {} listening on 127.0.0.1:{} (pid {})",
@@ -188,7 +219,9 @@ pub async fn main(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let app = Arc::new(App {
         args,
         started: Instant::now(),
+        seed,
         requests: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
         flags: Mutex::new((None, json!({}))),
     });
     let router = Router::new()
@@ -214,14 +247,20 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 
 async fn root(State(app): State<Arc<App>>) -> Response {
     let n = app.requests.fetch_add(1, Ordering::Relaxed);
+    let concurrent = app.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    let _leave = InFlight(&app.in_flight);
     let a = &app.args;
-    let jitter = if a.latency_jitter_ms > 0 {
-        mix(n) % (a.latency_jitter_ms + 1)
-    } else {
-        0
-    };
-    if a.latency_ms + jitter > 0 {
-        tokio::time::sleep(Duration::from_millis(a.latency_ms + jitter)).await;
+    // Independent draws per request number: 0 errors, 1 jitter, 2 tail.
+    let draw = |k: u64| uniform(app.seed, n, k);
+    let mut delay = a.latency_ms as f64;
+    if a.latency_jitter_ms > 0 {
+        delay -= a.latency_jitter_ms as f64 * (1.0 - draw(1)).ln();
+    }
+    if draw(2) < a.slow_share {
+        delay += a.slow_ms as f64;
+    }
+    if delay > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(delay / 1000.0)).await;
     }
     let flags = app.flags().await;
     let mut upstreams = Vec::new();
@@ -238,7 +277,9 @@ async fn root(State(app): State<Arc<App>>) -> Response {
         "flags": flags,
         "upstreams": upstreams,
     });
-    if fails(n, a.error_rate) {
+    let failing = app.started.elapsed() >= Duration::from_millis(a.errors_after_ms)
+        && a.errors_above_concurrency.is_none_or(|c| concurrent > c);
+    if failing && draw(0) < a.error_rate {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({ "error": "injected failure", "service": a.name, "version": a.version })),
@@ -248,18 +289,25 @@ async fn root(State(app): State<Arc<App>>) -> Response {
     Json(body).into_response()
 }
 
-/// Spreads failures evenly: request `n` fails when the running count of
-/// failures due (`rate * (n + 1)`) reaches a new whole number, so a rate of
-/// 0.05 fails exactly 5 of every 100 requests.
-fn fails(n: u64, rate: f64) -> bool {
-    rate > 0.0 && ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+/// Counts a request out of flight when it is answered (or dropped).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
-/// A cheap deterministic mix for jitter (no randomness needed).
-fn mix(n: u64) -> u64 {
-    let mut x = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+/// A uniform number in [0, 1) for request `n`'s `k`th draw: SplitMix64 of
+/// the three, so a seed replays the same requests the same way.
+fn uniform(seed: u64, n: u64, k: u64) -> f64 {
+    let mut x =
+        seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^ (x >> 27)
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl App {
@@ -367,11 +415,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_rate_fails_exactly_that_share() {
-        let failed = (0..1000).filter(|n| fails(*n, 0.05)).count();
-        assert_eq!(failed, 50);
-        assert_eq!((0..1000).filter(|n| fails(*n, 0.0)).count(), 0);
-        assert_eq!((0..1000).filter(|n| fails(*n, 1.0)).count(), 1000);
+    fn draws_are_uniform_independent_and_replayable() {
+        // 100,000 draws: the share under 0.05 is 5% within 4 standard
+        // deviations (0.28%), the same seed gives the same draws, and a
+        // request's draws for errors and for delay do not move together.
+        let n = 100_000;
+        let under = (0..n).filter(|i| uniform(42, *i, 0) < 0.05).count() as f64 / n as f64;
+        assert!((under - 0.05).abs() < 0.0028, "{under}");
+        assert_eq!(uniform(42, 7, 0), uniform(42, 7, 0));
+        assert_ne!(uniform(42, 7, 0), uniform(43, 7, 0));
+        let both = (0..n)
+            .filter(|i| uniform(42, *i, 0) < 0.1 && uniform(42, *i, 1) < 0.1)
+            .count() as f64
+            / n as f64;
+        assert!((both - 0.01).abs() < 0.0013, "{both}");
+        // Failures are not evenly spread: some 100-request runs hold more
+        // than 5 of them at a 5% rate.
+        let runs: Vec<usize> = (0..100)
+            .map(|r| {
+                (r * 100..r * 100 + 100)
+                    .filter(|i| uniform(1, *i, 0) < 0.05)
+                    .count()
+            })
+            .collect();
+        assert!(
+            runs.iter().any(|c| *c >= 9) && runs.iter().any(|c| *c <= 1),
+            "{runs:?}"
+        );
     }
 
     #[test]

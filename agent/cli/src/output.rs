@@ -421,7 +421,7 @@ pub fn status_text(s: &Status) -> String {
         let _ = writeln!(
             out,
             "Last abort: wave {}, gate {} at {}: {} (threshold: {}){}",
-            d.wave + 1,
+            d.wave,
             d.gate,
             d.at.format("%Y-%m-%d %H:%M:%S UTC"),
             d.measurement,
@@ -434,11 +434,16 @@ pub fn status_text(s: &Status) -> String {
     let d = dora(&s.history);
     let _ = writeln!(
         out,
-        "DORA: {} deployments ({:.2}/day), lead time {}, change failure rate {}, time to restore {}",
+        "DORA: {} deployments ({} succeeded, {} failed; {:.2} successful/day), lead time {}, change failure rate {}, time to restore {}",
         d["deployments"],
+        d["succeeded"],
+        d["failed"],
         d["deploymentsPerDay"].as_f64().unwrap_or(0.0),
         secs(d["leadTimeSeconds"].as_f64()),
-        d["changeFailureRate"].as_f64().map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "n/a".into()),
+        d["changeFailureRate"]
+            .as_f64()
+            .map(|r| format!("{:.0}% ({} of {})", r * 100.0, d["failed"], d["deployments"]))
+            .unwrap_or_else(|| "n/a".into()),
         secs(d["timeToRestoreSeconds"].as_f64()),
     );
     out
@@ -529,7 +534,11 @@ pub fn dora(history: &[HistoryEntry]) -> serde_json::Value {
         }
     }
     json!({
-        "deployments": ok.len(),
+        // Every figure counts the same deployments: all attempts, of which
+        // `failed` failed; the frequency is of the successful ones.
+        "deployments": deploys.len(),
+        "succeeded": ok.len(),
+        "failed": failed,
         "deploymentsPerDay": ok.len() as f64 / days,
         "leadTimeSeconds": median(&mut leads),
         "changeFailureRate": if deploys.is_empty() { None } else { Some(failed as f64 / deploys.len() as f64) },

@@ -128,7 +128,10 @@ impl Prometheus {
 #[async_trait::async_trait]
 impl Metrics for Prometheus {
     fn describe(&self) -> String {
-        format!("prometheus at {}", self.base)
+        format!(
+            "prometheus at {} (latency from the histogram buckets of sluice_router_request_duration_seconds)",
+            self.base
+        )
     }
 
     async fn counters(&self, split: &Split) -> Result<(Counters, Counters), MetricsError> {

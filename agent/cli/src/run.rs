@@ -354,7 +354,11 @@ async fn reconcile_loop(
                     } => {
                         shared.metrics.rollouts.fetch_add(1, Ordering::Relaxed);
                         shared.metrics.reverts.fetch_add(1, Ordering::Relaxed);
-                        warn!(commit = %plan.revision.commit, %error, reverted_to = ?reverted_to.as_ref().map(|c| c.to_string()), "rollout failed and was reverted");
+                        let to = reverted_to.as_ref().map_or_else(
+                            || "nothing (no good commit yet)".to_string(),
+                            |c| c.to_string(),
+                        );
+                        warn!(commit = %plan.revision.commit, %error, reverted_to = %to, "rollout failed and was reverted");
                     }
                     _ => {}
                 }

@@ -727,7 +727,7 @@ impl Engine {
             if let Err(e) = wave_result {
                 let decision = Decision {
                     at: self.clock.now(),
-                    wave: wave.index,
+                    wave: wave.index + 1,
                     gate: "apply".into(),
                     resource: None,
                     measurement: e.to_string(),
@@ -774,7 +774,7 @@ impl Engine {
             |gate: &str, resource: Option<String>, measurement: String, threshold: String| {
                 let decision = Decision {
                     at: self.clock.now(),
-                    wave,
+                    wave: wave + 1,
                     gate: gate.to_string(),
                     resource,
                     measurement: measurement.clone(),
@@ -1303,7 +1303,7 @@ impl Engine {
             .map(|d| {
                 format!(
                     "Decision: wave {}, gate {}: {} (threshold: {}), at {}.",
-                    d.wave + 1,
+                    d.wave,
                     d.gate,
                     d.measurement,
                     d.threshold,
@@ -1671,7 +1671,8 @@ mod tests {
             ]
         );
         let d = h[1].decision.as_ref().unwrap();
-        assert_eq!((d.wave, d.gate.as_str()), (1, "health"));
+        // The second wave, counted from 1.
+        assert_eq!((d.wave, d.gate.as_str()), (2, "health"));
 
         // Not retried until a newer commit arrives.
         target.log.lock().unwrap().clear();

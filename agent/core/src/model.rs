@@ -169,9 +169,11 @@ pub struct ServiceDef {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CanaryOverride {
     #[serde(default)]
-    pub steps: Option<Vec<u8>>,
+    pub steps: Option<Vec<CanaryStep>>,
     #[serde(default, with = "duration::option")]
     pub interval: Option<Duration>,
+    #[serde(default, with = "duration::option")]
+    pub min_age: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -505,15 +507,104 @@ pub enum Inconclusive {
     Hold,
 }
 
+/// One canary step: the canary's share of traffic, and how long the step
+/// is held and judged (`for`; the canary interval when unset). Written as
+/// a number (`10`) or `{weight: 10, for: 30s}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CanaryStep {
+    pub weight: u8,
+    pub duration: Option<Duration>,
+}
+
+impl From<u8> for CanaryStep {
+    fn from(weight: u8) -> Self {
+        CanaryStep {
+            weight,
+            duration: None,
+        }
+    }
+}
+
+impl Serialize for CanaryStep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.duration {
+            None => s.serialize_u8(self.weight),
+            Some(d) => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("weight", &self.weight)?;
+                m.serialize_entry("for", &duration::format(d))?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for CanaryStep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            weight: u8,
+            #[serde(default, rename = "for", with = "duration::option")]
+            duration: Option<Duration>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Weight(u8),
+            Long(Long),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("a step is a weight (10) or {weight: 10, for: 30s}")
+        })? {
+            Raw::Weight(weight) => Ok(weight.into()),
+            Raw::Long(l) => Ok(CanaryStep {
+                weight: l.weight,
+                duration: l.duration,
+            }),
+        }
+    }
+}
+
 /// Canary steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CanarySettings {
     /// The canary's share of traffic at each step, in percent, rising to 100.
-    pub steps: Vec<u8>,
-    /// How long each step is held and judged.
+    pub steps: Vec<CanaryStep>,
+    /// How long each step without its own `for` is held and judged.
     #[serde(with = "duration")]
     pub interval: Duration,
+    /// No step passes before the canary has run this long (failures that
+    /// show only after a while: caches filling, a leak, a timer).
+    #[serde(default, with = "duration")]
+    pub min_age: Duration,
+}
+
+impl CanarySettings {
+    /// The weights, in order.
+    pub fn weights(&self) -> Vec<u8> {
+        self.steps.iter().map(|s| s.weight).collect()
+    }
+
+    /// How long step `i` is held.
+    pub fn duration(&self, i: usize) -> Duration {
+        self.steps
+            .get(i)
+            .and_then(|s| s.duration)
+            .unwrap_or(self.interval)
+    }
+
+    /// How long the analysis runs at most: every step before the last
+    /// (the promotion), each at least until the canary is `min_age` old.
+    pub fn planned(&self) -> Duration {
+        let mut total = Duration::ZERO;
+        for i in 0..self.steps.len().saturating_sub(1) {
+            total += self.duration(i);
+        }
+        total.max(self.min_age)
+    }
 }
 
 /// How one service rolls out, fully resolved before the rollout starts:
@@ -535,6 +626,8 @@ pub struct Rollout {
     pub max_unavailable: Share,
     #[serde(with = "duration")]
     pub keep_warm: Duration,
+    /// Exits while starting after which a new release fails at once.
+    pub crash_restarts: u32,
 }
 
 impl Default for Rollout {
@@ -548,8 +641,9 @@ impl Default for Rollout {
             soak: Duration::ZERO,
             gate_timeout: Duration::from_secs(300),
             canary: CanarySettings {
-                steps: vec![5, 25, 50, 100],
+                steps: [5, 25, 50, 100].map(CanaryStep::from).to_vec(),
                 interval: Duration::from_secs(60),
+                min_age: Duration::ZERO,
             },
             analysis: crate::analysis::Criteria {
                 max_error_ratio: 1.5,
@@ -557,12 +651,13 @@ impl Default for Rollout {
                 min_requests: 50,
                 max_p95_increase: 0.1,
                 max_p99_increase: 0.15,
-                alpha: 0.05,
+                alpha: 0.01,
             },
             inconclusive: Inconclusive::Fail,
             hold_timeout: Duration::from_secs(1800),
             max_unavailable: Share::Percent(25),
             keep_warm: Duration::from_secs(60),
+            crash_restarts: 3,
         }
     }
 }

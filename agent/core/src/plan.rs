@@ -391,6 +391,8 @@ mod tests {
                     redact: vec![],
                     strategy: Strategy::Rolling,
                     max_unavailable: None,
+                    crash_restarts: None,
+                    start_timeout: None,
                     blobs: Default::default(),
                 };
                 (id, r)

@@ -2,13 +2,15 @@
 //!
 //! The new release starts beside the live one with no traffic; the target's
 //! [`Traffic`] weights traffic between them; a [`Metrics`] source says what
-//! each version served; [`analysis::judge`] decides each interval by the
-//! criteria fixed in the service's resolved rollout before it started.
+//! each version served; one [`Analysis`] per rollout weighs every second of
+//! it by the criteria fixed in the service's resolved rollout before it
+//! started, so a decision at any look keeps its false-abort bound.
 //!
-//! - Canary: each step's weight is held for the analysis interval. A fail
-//!   at any poll ends the rollout at once (early failure); a pass at the
-//!   end of the interval moves to the next step; inconclusive (too little
-//!   traffic) fails or holds the step, as the policy says.
+//! - Canary: each step's weight is held for its duration (and until the
+//!   canary is `minAge` old). A failed check at any look ends the rollout
+//!   at once; so does the new release crashing. At the end of the step it
+//!   passes if the canary served `minRequests` in it, else it is
+//!   inconclusive and fails or holds, as the policy says.
 //! - Blue-green: the new release gets all traffic at once and is judged
 //!   against the baseline's record while the old one stays warm; a fail
 //!   switches everything back at once.
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::analysis::{self, Judgement, Sample};
+use crate::analysis::{Analysis, Judgement, Sample};
 use crate::engine::{Engine, EngineError, Prepared};
 use crate::model::Strategy;
 use crate::model::{Inconclusive, Rollout};
@@ -81,7 +83,7 @@ impl Engine {
         let fail = |f: StepFailure, restored_ms: Option<u64>| -> Failure {
             let decision = Decision {
                 at: self.clock.now(),
-                wave,
+                wave: wave + 1,
                 gate: format!("{gate} analysis: {}", f.metric),
                 resource: Some(r.id.to_string()),
                 measurement: f.measurement.clone(),
@@ -113,8 +115,19 @@ impl Engine {
         })?;
         let steps = match strategy {
             Strategy::Bluegreen => vec![100],
-            _ => rollout.canary.steps.clone(),
+            _ => rollout.canary.weights(),
         };
+        // One analysis for the whole rollout: its bound on false aborts is
+        // over every look of every step.
+        let mut planned = match strategy {
+            Strategy::Bluegreen => rollout.keep_warm,
+            _ => rollout.canary.planned(),
+        };
+        if rollout.inconclusive == Inconclusive::Hold {
+            planned += rollout.hold_timeout * steps.len() as u32;
+        }
+        let judged = steps.iter().filter(|w| **w < 100).count().max(1);
+        let mut analysis = Analysis::new(&rollout.analysis, planned, judged);
         let mut status = TrafficStatus {
             resource: r.id.to_string(),
             strategy,
@@ -125,6 +138,7 @@ impl Engine {
             steps: steps.clone(),
             metrics: metrics.describe(),
             verdicts: Vec::new(),
+            canary_since: None,
         };
         info!(resource = %r.id, ?strategy, baseline = %split.baseline, canary = %split.canary, steps = ?steps, metrics = %status.metrics, "progressive rollout starting");
         for (i, &weight) in steps.iter().enumerate() {
@@ -150,17 +164,18 @@ impl Engine {
             }
             let window = match strategy {
                 Strategy::Bluegreen => rollout.keep_warm,
-                _ => rollout.canary.interval,
+                _ => rollout.canary.duration(i),
             };
             if let Err(f) = self
                 .judge_step(
                     wave,
                     &rollout,
-                    metrics.as_ref(),
+                    (metrics.as_ref(), traffic),
                     &split,
                     window,
                     strategy,
                     &mut status,
+                    &mut analysis,
                 )
                 .await
             {
@@ -244,73 +259,109 @@ impl Engine {
         })
     }
 
-    /// Holds one step for `window`, judging canary against baseline at
-    /// every poll. Ok when it passes at the end of the window.
+    /// Holds one step for `window` (and until the canary is `minAge`
+    /// old), feeding every look to the rollout's `analysis`. Ok when the
+    /// step passes at its end.
     #[allow(clippy::too_many_arguments)]
     async fn judge_step(
         &self,
         wave: usize,
         rollout: &Rollout,
-        metrics: &dyn Metrics,
+        (metrics, traffic): (&dyn Metrics, &dyn Traffic),
         split: &Split,
         window: Duration,
         strategy: Strategy,
         status: &mut TrafficStatus,
+        analysis: &mut Analysis,
     ) -> Result<(), StepFailure> {
         let criteria = &rollout.analysis;
         let poll = (window / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        // The step's first reading; taken when the metrics source first
-        // answers, so an outage at the start never counts older traffic.
-        let mut start: Option<(Counters, Counters)> = metrics.counters(split).await.ok();
+        // The last reading; the first is taken when the metrics source
+        // first answers, so an outage at the start never counts older
+        // traffic.
+        let mut last: Option<(Counters, Counters)> = metrics.counters(split).await.ok();
         let started = self.clock.now();
+        let canary_born = status.canary_since.unwrap_or(started);
+        status.canary_since = Some(canary_born);
+        let mut last_look = started;
         let mut next_record = window;
+        let mut step = (Sample::default(), Sample::default());
+        // Blue-green sends the baseline nothing once switched: the new
+        // release is judged against what the baseline served before.
+        if strategy == Strategy::Bluegreen {
+            if let Some((b0, _)) = &last {
+                analysis.set_reference(b0.since(&Counters::default()));
+            }
+        }
         loop {
             self.clock.sleep(poll).await;
-            let elapsed = (self.clock.now() - started).to_std().unwrap_or_default();
-            let judgement = match (metrics.counters(split).await, &start) {
+            let now = self.clock.now();
+            let elapsed = (now - started).to_std().unwrap_or_default();
+            let since_look = (now - last_look).to_std().unwrap_or_default();
+            let age = (now - canary_born).to_std().unwrap_or_default();
+            last_look = now;
+            if let Some(crash) = traffic.crashed(split).await {
+                return Err(StepFailure {
+                    metric: "crash".into(),
+                    measurement: crash,
+                    threshold: "the new release keeps running once ready".into(),
+                });
+            }
+            let j = match (metrics.counters(split).await, &last) {
                 (Ok((b, c)), Some((b0, c0))) => {
-                    // Blue-green sends the baseline nothing once switched:
-                    // it is judged by everything it served before; a canary
-                    // step by what both served during the step.
-                    let bs = match strategy {
-                        Strategy::Bluegreen => b0.since(&Counters::default()),
-                        _ => b.since(b0),
-                    };
-                    let cs = c.since(c0);
-                    let j = analysis::judge(criteria, &bs, &cs);
-                    Some((j, bs, cs))
+                    let (db, dc) = (b.since(b0), c.since(c0));
+                    step.0.add(&db);
+                    step.1.add(&dc);
+                    last = Some((b, c));
+                    analysis.observe(&db, &dc, since_look)
                 }
                 (Ok(first), None) => {
-                    start = Some(first);
-                    None
+                    last = Some(first);
+                    Judgement::Inconclusive {
+                        reason: "first reading of the metrics".into(),
+                    }
                 }
                 (Err(e), _) => {
                     warn!(error = %e, "reading metrics failed");
-                    None
-                }
-            };
-            let (j, bs, cs) = judgement.unwrap_or_else(|| {
-                (
                     Judgement::Inconclusive {
                         reason: format!("metrics unavailable from {}", metrics.describe()),
-                    },
-                    Sample::default(),
-                    Sample::default(),
-                )
-            });
-            let boundary = elapsed >= next_record;
+                    }
+                }
+            };
+            let due = elapsed >= window && age >= rollout.canary.min_age;
+            // At the end of the step: enough canary traffic in it?
+            let j = match j {
+                Judgement::Pass { .. } if due && step.1.requests < criteria.min_requests => {
+                    Judgement::Inconclusive {
+                        reason: format!(
+                            "{} canary requests in the step; {} needed",
+                            step.1.requests, criteria.min_requests
+                        ),
+                    }
+                }
+                // The step's end has its own exact test of its totals.
+                Judgement::Pass { measurements } if due => match analysis.end_step() {
+                    Judgement::Pass { measurements: end } if !end.is_empty() => {
+                        Judgement::Pass { measurements: end }
+                    }
+                    Judgement::Pass { .. } => Judgement::Pass { measurements },
+                    other => other,
+                },
+                other => other,
+            };
             let held_out = elapsed >= window + rollout.hold_timeout;
+            let boundary = elapsed >= next_record;
             // Every verdict that decides the step is recorded, and one per
-            // interval while it is held.
+            // step length while it is held.
             let decides = match j {
                 Judgement::Fail { .. } => true,
-                Judgement::Pass { .. } => elapsed >= window,
+                Judgement::Pass { .. } => due,
                 Judgement::Inconclusive { .. } => {
-                    elapsed >= window && (rollout.inconclusive == Inconclusive::Fail || held_out)
+                    due && (rollout.inconclusive == Inconclusive::Fail || held_out)
                 }
             };
             if decides || boundary {
-                self.record_verdict(wave, status, &j, &bs, &cs);
+                self.record_verdict(wave, status, &j, &step.0, &step.1);
                 next_record = elapsed + window;
             }
             match j {
@@ -325,7 +376,7 @@ impl Engine {
                         threshold,
                     })
                 }
-                _ if elapsed < window => {}
+                _ if !due => {}
                 Judgement::Pass { .. } => return Ok(()),
                 Judgement::Inconclusive { reason } => {
                     if rollout.inconclusive == Inconclusive::Fail || held_out {

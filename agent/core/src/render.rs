@@ -199,6 +199,8 @@ fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
         redact: Vec::new(),
         strategy: Default::default(),
         max_unavailable: None,
+        crash_restarts: None,
+        start_timeout: None,
         blobs: BTreeMap::new(),
     }
 }
@@ -350,6 +352,8 @@ fn render_service(
                         redact: redact.clone(),
                         strategy,
                         max_unavailable: Some(service.rollout.max_unavailable),
+                        crash_restarts: Some(service.rollout.crash_restarts),
+                        start_timeout: Some(service.rollout.gate_timeout),
                         blobs: blobs.clone(),
                     });
                 }

@@ -73,6 +73,14 @@ pub struct DesiredResource {
     /// overridable per service). None: all at once.
     #[serde(skip)]
     pub max_unavailable: Option<crate::model::Share>,
+    /// Exits while starting after which the new release fails at once
+    /// (the rollout policy's `crashLoop.restarts`).
+    #[serde(skip)]
+    pub crash_restarts: Option<u32>,
+    /// How long a new release may take to become ready before its gate
+    /// fails (the service's `gateTimeout`). None: the target's own limit.
+    #[serde(skip)]
+    pub start_timeout: Option<std::time::Duration>,
     /// Repository files the resource needs, keyed by sha256 hex digest
     /// (already verified by render). Not serialised: content lives in git,
     /// the digest in `body`.
@@ -206,6 +214,8 @@ mod tests {
                 redact: vec![],
                 strategy: Strategy::Rolling,
                 max_unavailable: None,
+                crash_restarts: None,
+                start_timeout: None,
                 blobs: Default::default(),
             };
             DesiredState::new(rev.clone(), [(id, r)].into())

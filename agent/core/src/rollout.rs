@@ -76,6 +76,14 @@ pub struct WaveLimits {
     pub max_share: Share,
 }
 
+/// When a crashing new release fails.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CrashLoop {
+    /// Exits while starting that fail the gate.
+    pub restarts: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub enum RolloutPolicyKind {
     RolloutPolicy,
@@ -93,6 +101,7 @@ pub struct RolloutPolicy {
     pub rolling: RollingSettings,
     pub bluegreen: BluegreenSettings,
     pub waves: WaveLimits,
+    pub crash_loop: CrashLoop,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +180,9 @@ impl RolloutPolicy {
                 interval: canary
                     .and_then(|c| c.interval)
                     .unwrap_or(self.canary.interval),
+                min_age: canary
+                    .and_then(|c| c.min_age)
+                    .unwrap_or(self.canary.min_age),
             },
             analysis,
             inconclusive: over.and_then(|o| o.inconclusive).unwrap_or(a.inconclusive),
@@ -181,6 +193,7 @@ impl RolloutPolicy {
             keep_warm: service
                 .and_then(|s| s.keep_warm)
                 .unwrap_or(self.bluegreen.keep_warm),
+            crash_restarts: self.crash_loop.restarts.max(1),
         }
     }
 
@@ -216,10 +229,12 @@ impl RolloutPolicy {
 }
 
 /// Canary steps must rise strictly and end at 100.
-pub fn check_steps(steps: &[u8]) -> Result<(), String> {
+pub fn check_steps(steps: &[crate::model::CanaryStep]) -> Result<(), String> {
+    let steps: Vec<u8> = steps.iter().map(|s| s.weight).collect();
     if steps.is_empty() {
         return Err("at least one step is needed (e.g. [5, 25, 50, 100])".into());
     }
+    let steps = steps.as_slice();
     if steps.windows(2).any(|w| w[0] >= w[1]) || steps[0] == 0 {
         return Err(format!("{steps:?}: steps must rise strictly from above 0"));
     }
@@ -365,11 +380,11 @@ mod tests {
         assert_eq!(pay.strategy, Strategy::Canary);
         assert_eq!(pay.analysis.max_error_ratio, 1.2);
         assert_eq!(pay.soak, Duration::from_secs(5));
-        assert_eq!(pay.canary.steps, vec![5, 25, 50, 100]);
+        assert_eq!(pay.canary.weights(), vec![5, 25, 50, 100]);
         let ui = &t.services["ui"].rollout;
         assert_eq!(ui.criticality, Criticality::Standard);
         assert_eq!(ui.analysis.max_error_ratio, 2.0);
-        assert_eq!(ui.canary.steps, vec![10, 100]);
+        assert_eq!(ui.canary.weights(), vec![10, 100]);
     }
 
     #[test]
@@ -398,7 +413,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.criticality.standard.strategy, Strategy::Canary);
         assert_eq!(p.criticality.standard.max_error_ratio, 1.5);
-        assert_eq!(p.canary.steps, vec![10, 100]);
+        assert_eq!(p.canary.weights(), vec![10, 100]);
         let e = merge_rollout(SHIPPED, "canary:\n  stpes: [10, 100]\n")
             .unwrap_err()
             .to_string();

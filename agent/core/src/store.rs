@@ -103,10 +103,13 @@ pub struct TrafficStatus {
     /// Step (1-based) of `steps`.
     pub step: usize,
     pub steps: Vec<u8>,
-    /// Where the counters come from.
+    /// Where the counters come from (and their latency resolution).
     pub metrics: String,
     /// This rollout's verdicts so far, newest last.
     pub verdicts: Vec<IntervalVerdict>,
+    /// When the canary first got traffic (for `minAge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_since: Option<DateTime<Utc>>,
 }
 
 /// The verdict of one analysis interval, with its numbers.
@@ -134,20 +137,12 @@ pub struct Measured {
 
 impl Measured {
     pub fn of(s: &crate::analysis::Sample) -> Self {
-        let ms = |q| (crate::analysis::quantile(&s.latencies, q) * 1000.0 * 10.0).round() / 10.0;
+        let ms = |q| (s.latency.quantile(q) * 1000.0 * 10.0).round() / 10.0;
         Measured {
             requests: s.requests,
             errors: s.errors,
-            p95_ms: if s.latencies.is_empty() {
-                0.0
-            } else {
-                ms(0.95)
-            },
-            p99_ms: if s.latencies.is_empty() {
-                0.0
-            } else {
-                ms(0.99)
-            },
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
         }
     }
 }
@@ -254,6 +249,7 @@ pub struct HistoryEntry {
 #[serde(rename_all = "camelCase")]
 pub struct Decision {
     pub at: DateTime<Utc>,
+    /// The wave, counted from 1 as status and logs show it.
     pub wave: usize,
     pub gate: String,
     pub resource: Option<String>,

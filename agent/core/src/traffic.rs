@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::Sample;
+use crate::analysis::{Histogram, Sample};
 use crate::resource::{DesiredResource, ResourceId};
 use crate::target::TargetError;
 
@@ -40,9 +40,26 @@ pub struct Counters {
     pub buckets: Vec<(f64, u64)>,
 }
 
-/// Latencies reconstructed per interval are capped at this many, scaled
-/// down evenly: enough for the tests, bounded in memory and time.
-const MAX_LATENCIES: u64 = 5_000;
+/// The latency buckets the router keeps per version (upper bounds in
+/// seconds): log-spaced by 1.25 from 0.5 ms to past a minute, so a bucket
+/// bound is within 12.5% of any latency (as a DDSketch of that accuracy),
+/// with an overflow bucket.
+pub fn latency_bounds() -> Vec<f64> {
+    let mut bounds = Vec::new();
+    let mut b: f64 = 0.0005;
+    loop {
+        // Rounded to 4 significant figures, so exposition labels are short.
+        let digits = 3 - b.log10().floor() as i32;
+        let scale = 10f64.powi(digits);
+        bounds.push((b * scale).round() / scale);
+        if b >= 60.0 {
+            break;
+        }
+        b *= 1.25;
+    }
+    bounds.push(f64::INFINITY);
+    bounds
+}
 
 impl Counters {
     /// Adds another reading (another route of the same version).
@@ -58,44 +75,30 @@ impl Counters {
         }
     }
 
-    /// What was served between `earlier` and this reading. Latencies are
-    /// reconstructed from the histogram: each request in a bucket counts at
-    /// the bucket's upper bound (the last finite one for the overflow),
-    /// which keeps ranks, ties and quantiles as the buckets resolve them.
-    /// A counter that went backwards (a restarted source) counts from zero.
+    /// What was served between `earlier` and this reading, latencies as
+    /// the histogram's per-bucket counts. A counter that went backwards (a
+    /// restarted source) counts from zero.
     pub fn since(&self, earlier: &Counters) -> Sample {
         let reset = self.requests < earlier.requests;
         let base = |v: u64, e: u64| if reset { v } else { v.saturating_sub(e) };
-        let mut per_bucket = Vec::new();
+        let mut bounds = Vec::with_capacity(self.buckets.len());
+        let mut counts = Vec::with_capacity(self.buckets.len());
         let mut prev_now = 0;
         let mut prev_then = 0;
-        let mut last_finite = 0.0;
         for (i, (bound, cum)) in self.buckets.iter().enumerate() {
             let then = earlier.buckets.get(i).map(|b| b.1).unwrap_or(0);
-            let n = base(cum.saturating_sub(prev_now), then.saturating_sub(prev_then));
+            counts.push(base(
+                cum.saturating_sub(prev_now),
+                then.saturating_sub(prev_then),
+            ));
+            bounds.push(*bound);
             prev_now = *cum;
             prev_then = then;
-            let value = if bound.is_finite() {
-                last_finite = *bound;
-                *bound
-            } else {
-                last_finite
-            };
-            per_bucket.push((value, n));
-        }
-        let total: u64 = per_bucket.iter().map(|b| b.1).sum();
-        let mut latencies = Vec::new();
-        if total > 0 {
-            let scale = (MAX_LATENCIES as f64 / total as f64).min(1.0);
-            for (value, n) in per_bucket {
-                let k = (n as f64 * scale).round() as usize;
-                latencies.extend(std::iter::repeat_n(value, k));
-            }
         }
         Sample {
             requests: base(self.requests, earlier.requests),
             errors: base(self.errors, earlier.errors),
-            latencies,
+            latency: Histogram { bounds, counts },
         }
     }
 }
@@ -147,6 +150,13 @@ pub trait Traffic: Send + Sync {
     /// All traffic back on the baseline first, then the canary stopped.
     async fn abort(&self, split: &Split) -> Result<(), TargetError>;
 
+    /// Whether the canary has crashed since it was staged (an instance
+    /// exited, a pod restarted or cannot pull its image): what happened,
+    /// with its exit status and last log lines. Checked at every look.
+    async fn crashed(&self, _split: &Split) -> Option<String> {
+        None
+    }
+
     /// The built-in metrics source (the router's own counters).
     fn metrics(&self) -> std::sync::Arc<dyn Metrics>;
 }
@@ -197,19 +207,23 @@ mod tests {
         let b = counters(110, 6, &[88, 2, 18, 2]);
         let s = b.since(&a);
         assert_eq!((s.requests, s.errors), (100, 5));
-        assert_eq!(s.latencies.len(), 100);
-        assert_eq!(s.latencies.iter().filter(|v| **v == 0.005).count(), 80);
-        assert_eq!(s.latencies.iter().filter(|v| **v == 0.25).count(), 20);
+        assert_eq!(s.latency.counts, vec![80, 0, 18, 2]);
+        assert_eq!(s.latency.total(), 100);
         // A restarted source counts from zero rather than going negative.
         let r = counters(5, 0, &[5, 0, 0, 0]).since(&b);
         assert_eq!(r.requests, 5);
-        assert_eq!(r.latencies.len(), 5);
+        assert_eq!(r.latency.total(), 5);
     }
 
     #[test]
-    fn large_intervals_are_scaled_not_truncated() {
-        let s = counters(100_000, 0, &[50_000, 50_000, 0, 0]).since(&Counters::default());
-        assert_eq!(s.latencies.len(), 5_000);
-        assert_eq!(s.latencies.iter().filter(|v| **v == 0.1).count(), 2_500);
+    fn the_router_buckets_are_log_spaced_within_an_eighth() {
+        let b = latency_bounds();
+        assert_eq!(b[0], 0.0005);
+        assert!(b.last().unwrap().is_infinite());
+        assert!(b[b.len() - 2] >= 60.0);
+        for w in b[..b.len() - 1].windows(2) {
+            let ratio = w[1] / w[0];
+            assert!((1.2..1.3).contains(&ratio), "{w:?}");
+        }
     }
 }

@@ -78,6 +78,7 @@ impl Traffic for HostTarget {
         let canary = distinct_label(&baseline, &spec.version, &digest);
         let wanted = self.launch_specs(r, &spec)?;
         self.start_and_wait(r, &spec, &wanted).await?;
+        let restarts_at_stage = self.canary_restarts(&r.id.name, &digest);
         self.save_split(
             &r.id.name,
             Some(SplitRecord {
@@ -85,6 +86,7 @@ impl Traffic for HostTarget {
                 baseline: baseline.clone(),
                 canary: canary.clone(),
                 weight: Some(0),
+                restarts_at_stage,
             }),
         )?;
         self.sync_routes().await?;
@@ -95,6 +97,15 @@ impl Traffic for HostTarget {
             baseline,
             canary,
         })
+    }
+
+    async fn crashed(&self, split: &Split) -> Option<String> {
+        let rec = self.splits().get(&split.resource.name).cloned()?;
+        self.canary_crash(
+            &split.resource.name,
+            &rec.canary_digest,
+            rec.restarts_at_stage,
+        )
     }
 
     async fn set_weight(&self, split: &Split, percent: u8) -> Result<(), TargetError> {
@@ -200,7 +211,10 @@ pub fn counters_of(v: &VersionStats) -> Counters {
 #[async_trait::async_trait]
 impl Metrics for RouterMetrics {
     fn describe(&self) -> String {
-        format!("the router of target {}", self.target)
+        format!(
+            "the router of target {} (latency histogram with buckets 25% apart, 0.5 ms to 60 s)",
+            self.target
+        )
     }
 
     async fn counters(&self, split: &Split) -> Result<(Counters, Counters), MetricsError> {

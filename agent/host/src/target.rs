@@ -43,6 +43,10 @@ pub(crate) struct SplitRecord {
     pub canary: String,
     /// The canary's percent; none while rolling (every replica equal).
     pub weight: Option<u8>,
+    /// The canary instances' restarts when it was staged: any more since
+    /// is a crash after it was ready.
+    #[serde(default)]
+    pub restarts_at_stage: u32,
 }
 
 /// The canary's version label: its version, or, when the baseline runs the
@@ -462,6 +466,7 @@ impl HostTarget {
         if spec.readiness.is_none() {
             tokio::time::sleep(period).await;
         }
+        let limit = r.crash_restarts.unwrap_or(3).max(1);
         loop {
             let now: Vec<Instance> = self
                 .sup
@@ -469,6 +474,23 @@ impl HostTarget {
                 .into_iter()
                 .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
                 .collect();
+            // A release that keeps exiting while it starts fails now, not
+            // at the readiness timeout.
+            let crashing = now.iter().find_map(|i| {
+                let s = i.state.as_ref()?;
+                (s.restarts >= limit || s.phase == "exited").then(|| {
+                    format!(
+                        "{} exited {} time(s) while starting (limit {limit}, crashLoop.restarts; last exit: {}); last log lines: {}",
+                        i.spec.key,
+                        s.restarts.max(1),
+                        s.last_exit.as_deref().unwrap_or("unknown"),
+                        tail(&self.sup.log_path(&i.spec.key), 3)
+                    )
+                })
+            });
+            if let Some(detail) = crashing {
+                return Err(self.abandon_start(r, &wanted_keys, detail).await);
+            }
             let mut all_ready = now.len() == wanted.len();
             let mut not_ready = None;
             for i in &now {
@@ -501,26 +523,81 @@ impl HostTarget {
                     }
                     None => "an instance disappeared while starting".into(),
                 };
-                // Keep the old instances serving; drop the new ones, also
-                // those a crashed run started before (they are not active).
-                let active = self.records().get(&Self::record_key(&r.id)).map(digest_of);
-                for i in self
-                    .sup
-                    .list()
-                    .into_iter()
-                    .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
-                {
-                    if active.as_ref() != Some(&i.spec.digest) {
-                        self.sup.stop(&i).await;
-                    }
-                }
-                return Err(TargetError::Apply {
-                    id: r.id.to_string(),
-                    reason: detail,
-                });
+                return Err(self.abandon_start(r, &wanted_keys, detail).await);
             }
             tokio::time::sleep(period).await;
         }
+    }
+
+    /// Stops the new instances that did not start (not the recorded
+    /// release), so the old ones keep serving alone, and says why.
+    async fn abandon_start(
+        &self,
+        r: &DesiredResource,
+        wanted_keys: &[&str],
+        detail: String,
+    ) -> TargetError {
+        let active = self.records().get(&Self::record_key(&r.id)).map(digest_of);
+        for i in self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|i| wanted_keys.contains(&i.spec.key.as_str()))
+        {
+            if active.as_ref() != Some(&i.spec.digest) {
+                self.sup.stop(&i).await;
+            }
+        }
+        TargetError::Apply {
+            id: r.id.to_string(),
+            reason: detail,
+        }
+    }
+
+    /// The canary instances of `split` that exited since they started:
+    /// what happened to the first, if any did.
+    pub(crate) fn canary_restarts(&self, resource: &str, canary_digest: &str) -> u32 {
+        self.sup
+            .list()
+            .iter()
+            .filter(|i| i.spec.resource == resource && i.spec.digest == canary_digest)
+            .filter_map(|i| i.state.as_ref().map(|s| s.restarts))
+            .sum()
+    }
+
+    /// The canary instances of a split that exited since it was staged
+    /// (`before` restarts then): what happened to the first, if any did.
+    pub(crate) fn canary_crash(
+        &self,
+        resource: &str,
+        canary_digest: &str,
+        before: u32,
+    ) -> Option<String> {
+        if self.canary_restarts(resource, canary_digest) <= before
+            && !self.sup.list().iter().any(|i| {
+                i.spec.resource == resource
+                    && i.spec.digest == canary_digest
+                    && i.state.as_ref().is_some_and(|s| s.phase == "exited")
+            })
+        {
+            return None;
+        }
+        self.sup
+            .list()
+            .into_iter()
+            .filter(|i| i.spec.resource == resource && i.spec.digest == canary_digest)
+            .find_map(|i| {
+                let s = i.state.as_ref()?;
+                (s.restarts > 0 || s.phase == "exited").then(|| {
+                    format!(
+                        "{} exited after it was ready ({} restart(s); last exit: {}); last log lines: {}",
+                        i.spec.key,
+                        s.restarts,
+                        s.last_exit.as_deref().unwrap_or("unknown"),
+                        tail(&self.sup.log_path(&i.spec.key), 3)
+                    )
+                })
+            })
     }
 
     /// Rolling: `batch` new replicas start and become ready, the routes
@@ -549,6 +626,7 @@ impl HostTarget {
                 baseline,
                 canary,
                 weight: None,
+                restarts_at_stage: 0,
             }),
         )?;
         let mut old = old.iter();

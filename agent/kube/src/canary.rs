@@ -147,13 +147,15 @@ impl HttpRouteTraffic {
     }
 
     /// Waits until the Deployment `name` is healthy, for at most its
-    /// `progressDeadlineSeconds` (600 by default, as Kubernetes).
+    /// `progressDeadlineSeconds` (600 by default, as Kubernetes) or
+    /// `within` (the service's gate timeout), whichever is shorter.
     async fn wait_healthy(
         &self,
         id: &ResourceId,
         kind: &Kind,
         ns: &str,
         name: &str,
+        within: Option<Duration>,
     ) -> Result<(), TargetError> {
         let mut deadline = None;
         loop {
@@ -165,7 +167,8 @@ impl HttpRouteTraffic {
                 .ok_or_else(|| self.fail(id, format!("Deployment {ns}/{name} vanished")))?;
             let limit = obj["spec"]["progressDeadlineSeconds"]
                 .as_u64()
-                .unwrap_or(600);
+                .unwrap_or(600)
+                .min(within.map_or(u64::MAX, |w| w.as_secs().max(1)));
             let deadline = *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(limit));
             match health(&obj) {
@@ -318,7 +321,8 @@ impl Traffic for HttpRouteTraffic {
                 .await
                 .map_err(|e| apply_error(id, e))?;
         }
-        self.wait_healthy(id, &d, &ns, &canary).await?;
+        self.wait_healthy(id, &d, &ns, &canary, r.start_timeout)
+            .await?;
         let routes: Vec<String> = self
             .routes(&route, &ns, &id.name)
             .await
@@ -347,8 +351,14 @@ impl Traffic for HttpRouteTraffic {
             .kinds()
             .await
             .ok_or_else(|| self.fail(&r.id, "the cluster does not serve Deployments"))?;
-        self.wait_healthy(&r.id, &d, &self.namespace(&r.id), &r.id.name)
-            .await?;
+        self.wait_healthy(
+            &r.id,
+            &d,
+            &self.namespace(&r.id),
+            &r.id.name,
+            r.start_timeout,
+        )
+        .await?;
         self.weigh(split, None).await?;
         self.remove_canary(split).await
     }

@@ -93,18 +93,17 @@ pub struct Histogram {
     pub count: u64,
 }
 
-/// Fine enough between 50 ms and 500 ms that the analysis can tell a
-/// release 100-200 ms slower from its baseline.
-const BOUNDS: [f64; 21] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
-    0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
 impl Default for Histogram {
+    /// The analysis' buckets (log-spaced, within 12.5% of any latency),
+    /// finite ones only: the last count is the overflow.
     fn default() -> Self {
+        let bounds: Vec<f64> = sluice_core::traffic::latency_bounds()
+            .into_iter()
+            .filter(|b| b.is_finite())
+            .collect();
         Histogram {
-            bounds: BOUNDS.to_vec(),
-            counts: vec![0; BOUNDS.len() + 1],
+            counts: vec![0; bounds.len() + 1],
+            bounds,
             sum: 0.0,
             count: 0,
         }
@@ -843,7 +842,12 @@ mod tests {
         for _ in 0..10 {
             h.observe(0.2);
         }
-        assert_eq!(h.quantile(0.5), 0.0025);
-        assert_eq!(h.quantile(0.95), 0.2);
+        // Each quantile is its bucket's upper bound: the first bound at or
+        // above the latency, within 25% of it.
+        let (p50, p95) = (h.quantile(0.5), h.quantile(0.95));
+        assert!((0.002..0.0025).contains(&p50), "{p50}");
+        assert!((0.2..0.25).contains(&p95), "{p95}");
+        let below = h.bounds.iter().rev().find(|b| **b < p50).copied();
+        assert!(below.is_some_and(|b| b < 0.002), "{below:?}");
     }
 }
