@@ -157,6 +157,35 @@ fn a_git_daemon_remote_is_followed_through_force_pushes_and_outages() {
 }
 
 #[test]
+fn revisions_resolve_by_gits_rules_past_the_shallow_edge() {
+    // HEAD~N, branch~N, short ids and tags, as `git rev-parse` reads them;
+    // the first fetch is shallow, so ancestors are fetched on demand.
+    let (tmp, repo) = repo_with(&[("app/a.yaml", "v1")]);
+    let first = git(&repo, &["rev-parse", "HEAD"]);
+    let second = commit(&repo, "app/a.yaml", "v2", "second");
+    git(&repo, &["tag", "v2"]);
+    let third = commit(&repo, "app/a.yaml", "v3", "third");
+    let daemon = GitDaemon::start(&tmp.path().join("served"));
+    let rt = rt();
+    let s = source(&daemon.url("repo"), &tmp.path().join("cache"), "app", true).unwrap();
+    assert_eq!(rt.block_on(s.poll()).unwrap().commit.as_str(), third);
+    let at = |rev: &str| rt.block_on(s.resolve(rev)).map(|r| r.commit.to_string());
+    assert_eq!(at("HEAD").unwrap(), third);
+    assert_eq!(at("HEAD~2").unwrap(), first);
+    assert_eq!(at("main^").unwrap(), second);
+    assert_eq!(at(&third[..7]).unwrap(), third);
+    assert_eq!(at(&format!("{}~1", &third[..8])).unwrap(), second);
+    let err = at("HEAD~9").unwrap_err().to_string();
+    assert!(err.contains("HEAD~9"), "{err}");
+    assert!(at("HEAD~x").is_err());
+    // Through fetch_ref, as `plan --base/--head` ask: a tag and an ancestor.
+    let fetched = |rev: &str| rt.block_on(s.fetch_ref(rev)).map(|r| r.commit.to_string());
+    assert_eq!(fetched("main~1").unwrap(), second);
+    assert_eq!(fetched("HEAD~2").unwrap(), first);
+    drop(daemon);
+}
+
+#[test]
 fn limits_missing_paths_and_bad_urls_are_clear_errors() {
     let (tmp, repo) = repo_with(&[("app/a.yaml", "x"), ("app/big.bin", &"x".repeat(5000))]);
     let rt = rt();

@@ -109,6 +109,7 @@ fn resource(kind: &str, name: &str, spec: Value, strategy: Strategy) -> DesiredR
         max_unavailable: None,
         crash_restarts: None,
         start_timeout: None,
+        impersonate: None,
         blobs: BTreeMap::new(),
     }
 }

@@ -383,6 +383,26 @@ fn prune_deletes_only_what_sluice_created_in_reverse_order() {
     c.write("api/api.yaml", &kept.join("---\n"));
     std::fs::remove_file(c.repo().join("platform/extra.yaml")).unwrap();
     c.commit("drop api-config, the api Service and two namespaces");
+    // The plan tells deletes from releases: the unannotated Namespace is
+    // kept, only dropped from the inventory.
+    let plan = c.sluice(&["plan"]);
+    assert!(
+        plan.stdout
+            .contains("5 to delete, 1 to release (kept, no longer managed)"),
+        "{}",
+        plan.all()
+    );
+    let plan = c.sluice(&["plan", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let released: Vec<&str> = v["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["changes"].as_array().unwrap())
+        .filter(|ch| ch["action"] == "release")
+        .filter_map(|ch| ch["id"]["name"].as_str())
+        .collect();
+    assert_eq!(released, ["scratch"], "{}", plan.stdout);
     let out = c.sluice(&["apply"]);
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(c.object("", "configmaps", "shop", "api-config").is_none());
@@ -468,6 +488,13 @@ fn a_kustomize_folder_without_kustomize_says_how_to_install_it() {
 #[test]
 fn drift_is_found_per_field_and_a_conflict_names_the_manager() {
     let c = Cluster::new();
+    c.write(
+        "sluice.yaml",
+        &TOPOLOGY.replace(
+            "    dependsOn: [api]\n",
+            "    dependsOn: [api]\n    drift: heal\n",
+        ),
+    );
     c.commit("shop 1.0.0");
     assert_eq!(c.sluice(&["apply"]).code, 0);
     // Someone scales web and changes the database password by hand.
@@ -500,6 +527,28 @@ fn drift_is_found_per_field_and_a_conflict_names_the_manager() {
         !all.contains("imagePullPolicy") && !all.contains("progressDeadlineSeconds"),
         "{all}"
     );
+    // Healing web would take spec.replicas from kubectl: the heal fails
+    // visibly, naming the resource, the field and the other manager; exit 1.
+    let out = c.sluice(&["drift", "--heal"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stderr.contains("apps/Deployment/shop/web not healed")
+            && out.stderr.contains(".spec.replicas")
+            && out.stderr.contains("kubectl"),
+        "{}",
+        out.all()
+    );
+    assert!(out.stdout.contains("(NOT healed: "), "{}", out.all());
+    assert_eq!(
+        c.object("apps", "deployments", "shop", "web").unwrap()["spec"]["replicas"],
+        7
+    );
+    let status = c.sluice(&["status"]);
+    assert!(
+        status.stdout.contains("drift not healed"),
+        "{}",
+        status.all()
+    );
 
     // Re-applying would take spec.replicas from kubectl: refused, naming
     // the field and the manager, and the live system stays as it was.
@@ -513,6 +562,33 @@ fn drift_is_found_per_field_and_a_conflict_names_the_manager() {
         out.all()
     );
     assert_eq!(c.image("web"), "registry.example.com/shop/web:1.0.0");
+    // Caught at the dry run: nothing was written, so the commit is
+    // rejected with its plan printed, exit 1, and nothing is reverted.
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stdout.contains("Plan for")
+            && out.stdout.contains("REJECTED before anything was written"),
+        "{}",
+        out.all()
+    );
+    let status = c.sluice(&["status", "-o", "json"]);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    let kinds: Vec<(&str, &str)> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("deploy", "succeeded"),
+            ("heal", "failed"),
+            ("deploy", "failed")
+        ],
+        "no revert: {}",
+        status.stdout
+    );
     // With the opt-in annotation, sluice takes the field back.
     c.write(
         "web/web.yaml",
@@ -528,6 +604,52 @@ fn drift_is_found_per_field_and_a_conflict_names_the_manager() {
     let d = c.object("apps", "deployments", "shop", "web").unwrap();
     assert_eq!(d["spec"]["replicas"], 3);
     assert_eq!(c.image("web"), "registry.example.com/shop/web:1.0.2");
+}
+
+/// Against the fake (no real API server here), which stores a null
+/// ConfigMap value as "" and refuses a boolean with a 500, as the recorded
+/// kube-apiserver 1.28 does (fixtures 52a, 53a-53c).
+#[test]
+fn config_map_values_are_strings_at_render_and_nulls_converge() {
+    let c = Cluster::new();
+    c.commit("shop 1.0.0");
+    assert_eq!(c.sluice(&["apply"]).code, 0);
+    // A boolean: refused at render, naming file, line and key; nothing is
+    // sent to the cluster.
+    c.write(
+        "api/api.yaml",
+        &api("1.0.0").replace(
+            "  LOG_LEVEL: info\n",
+            "  LOG_LEVEL: info\n  enabled: true\n",
+        ),
+    );
+    c.commit("a boolean in a ConfigMap");
+    let before = c.fake.log().len();
+    let out = c.sluice(&["plan"]);
+    assert_eq!(out.code, 2, "{}", out.all());
+    assert!(
+        out.stderr.contains("api/api.yaml:8") && out.stderr.contains("`data.enabled`"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("must be strings, not a boolean"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(c.fake.log().len(), before, "the cluster was asked");
+    // A null: applied as the server stores it, then nothing to do.
+    c.write(
+        "api/api.yaml",
+        &api("1.0.0").replace("  LOG_LEVEL: info\n", "  LOG_LEVEL: info\n  EMPTY: ~\n"),
+    );
+    c.commit("a null in a ConfigMap");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let cm = c.object("", "configmaps", "shop", "api-config").unwrap();
+    assert_eq!(cm["data"]["EMPTY"], "");
+    let plan = c.sluice(&["plan"]);
+    assert!(plan.stdout.contains("No changes"), "{}", plan.all());
 }
 
 #[test]
@@ -983,11 +1105,9 @@ fn two_replicas_never_apply_at_once_and_the_follower_takes_over() {
     );
 }
 
-/// The example repository of the README rolls out against the fake, in
-/// the documented waves (its soak shortened for the test).
-#[test]
-fn the_kubernetes_example_rolls_out_in_waves() {
-    let c = Cluster::new();
+/// The repository becomes the README's Kubernetes example (its soak
+/// shortened for the tests).
+fn use_the_example(c: &Cluster) {
     for dir in ["platform", "api", "web"] {
         std::fs::remove_dir_all(c.repo().join(dir)).unwrap();
     }
@@ -1001,6 +1121,14 @@ fn the_kubernetes_example_rolls_out_in_waves() {
     assert!(out.status.success());
     let topology = std::fs::read_to_string(c.repo().join("sluice.yaml")).unwrap();
     c.write("sluice.yaml", &topology.replace("soak: 10s", "soak: 0s"));
+}
+
+/// The example repository of the README rolls out against the fake, in
+/// the documented waves (its soak shortened for the test).
+#[test]
+fn the_kubernetes_example_rolls_out_in_waves() {
+    let c = Cluster::new();
+    use_the_example(&c);
     install_gateway_api(&c.fake);
     c.commit("the example");
     let out = c.sluice(&["apply"]);
@@ -1031,6 +1159,168 @@ fn the_kubernetes_example_rolls_out_in_waves() {
     for service in ["platform", "gateway", "catalog", "orders", "web"] {
         assert!(out.stdout.contains(service), "{}", out.all());
     }
+}
+
+/// Applies manifests/ (rendered by the real `kubectl kustomize`) and the
+/// `extra` files under it to the fake as its admin; the kinds applied.
+fn install_manifests(c: &Cluster, extra: &[&str]) -> Vec<String> {
+    let manifests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../manifests");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&manifests)
+        .output()
+        .expect("kubectl (tests/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut text = String::from_utf8(out.stdout).unwrap();
+    for f in extra {
+        text.push_str("\n---\n");
+        text.push_str(&std::fs::read_to_string(manifests.join(f)).unwrap());
+    }
+    let mut kinds = Vec::new();
+    for doc in text.split("\n---\n") {
+        let v: Value = serde_yaml::from_str(doc).unwrap();
+        if v.is_object() {
+            kinds.push(v["kind"].as_str().unwrap_or_default().to_string());
+            c.fake.create(v, "kubectl");
+        }
+    }
+    kinds
+}
+
+/// From here on sluice presents the token of the install's ServiceAccount.
+fn as_the_agent(c: &Cluster) {
+    let token = Fake::service_account_token("sluice-system", "sluice");
+    std::fs::write(
+        c.dir.path().join("kubeconfig"),
+        c.fake.kubeconfig_with_token(&["cluster"], &token),
+    )
+    .unwrap();
+}
+
+/// A team's service written as the team's ServiceAccount: allowed in its
+/// namespace, refused outside it with the server's message and nothing
+/// written. Against the fake with RBAC and impersonation (no real API
+/// server here), answering as the recorded 1.28 server does (fixtures
+/// 60a, 60b).
+#[test]
+fn a_tenant_service_is_written_as_its_service_account_and_kept_to_its_namespace() {
+    let c = Cluster::new();
+    install_manifests(&c, &["optional/impersonate-tenants.yaml"]);
+    for ns in ["team-a", "team-b"] {
+        c.fake.create(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            "kubectl",
+        );
+    }
+    c.fake.create(
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "deployer", "namespace": "team-a"}}),
+        "kubectl",
+    );
+    c.fake.create(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "deployer", "namespace": "team-a"},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "patch", "update", "delete"]}]}),
+        "kubectl",
+    );
+    c.fake.create(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "deployer", "namespace": "team-a"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
+               "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": "team-a"}]}),
+        "kubectl",
+    );
+    as_the_agent(&c);
+    for dir in ["platform", "api", "web"] {
+        std::fs::remove_dir_all(c.repo().join(dir)).unwrap();
+    }
+    c.write(
+        "sluice.yaml",
+        "apiVersion: sluice.dev/v1\nkind: Topology\ndefaults:\n  soak: 0s\n  gateTimeout: 4s\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  team-a:\n    path: team-a\n    serviceAccountName: team-a/deployer\n",
+    );
+    let cm = |ns: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {ns}\ndata:\n  mode: fast\n")
+    };
+    c.write("team-a/settings.yaml", &cm("team-a"));
+    c.commit("team a's settings");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    let live = c
+        .object("", "configmaps", "team-a", "settings")
+        .expect("applied");
+    assert_eq!(live["data"]["mode"], "fast");
+    // The same service writing into another team's namespace: refused at
+    // the dry run as the account, naming it; nothing written, no revert.
+    c.write("team-a/intruder.yaml", &cm("team-b"));
+    c.commit("team a writes into team b");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.all().contains(
+            "User \"system:serviceaccount:team-a:deployer\" cannot patch resource \"configmaps\" in API group \"\" in the namespace \"team-b\""
+        ),
+        "{}",
+        out.all()
+    );
+    assert!(
+        out.stdout.contains("REJECTED before anything was written"),
+        "{}",
+        out.all()
+    );
+    assert!(c.object("", "configmaps", "team-b", "settings").is_none());
+}
+
+/// The install's own ServiceAccount applies the Kubernetes example: the
+/// manifests/ folder (rendered by the real `kubectl kustomize`) is applied
+/// to the fake as its admin, then sluice runs with the token of
+/// `sluice-system/sluice`. Against the fake with RBAC (no real API server
+/// here), which authorises as the recorded kube-apiserver 1.28 does
+/// (fixtures 51a-51f), creates through apply needing `create` included.
+#[test]
+fn the_shipped_service_account_applies_the_example_and_a_missing_rule_is_named() {
+    let c = Cluster::new();
+    let kinds = install_manifests(&c, &[]);
+    assert!(kinds.iter().any(|k| k == "ClusterRoleBinding"), "{kinds:?}");
+    install_gateway_api(&c.fake);
+    as_the_agent(&c);
+    use_the_example(&c);
+    c.commit("the example");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(c.object("apps", "deployments", "shop", "web").is_some());
+    assert!(c
+        .object("gateway.networking.k8s.io", "httproutes", "shop", "orders")
+        .is_some());
+    // Every request was the ServiceAccount's, and some were refused
+    // nowhere: the role holds what the example needs.
+    assert!(
+        c.fake.log().iter().all(|l| l.status != 403),
+        "{}",
+        out.all()
+    );
+    // A kind the role lacks (a Lease outside sluice's namespace): refused
+    // before anything is written (sluice may not even read it), naming the
+    // kind and the rule to add.
+    c.write(
+        "services/platform/lease.yaml",
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: team-lock\n  namespace: shop\nspec:\n  holderIdentity: nobody\n",
+    );
+    c.commit("a lease in shop");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let all = out.all();
+    assert!(
+        all.contains("leases.coordination.k8s.io \"team-lock\" is forbidden")
+            && all.contains("resources: [\"leases\"]")
+            && all.contains("apiGroups: [\"coordination.k8s.io\"]"),
+        "{all}"
+    );
+    assert!(c
+        .object("coordination.k8s.io", "leases", "shop", "team-lock")
+        .is_none());
 }
 
 /// A crash (SIGKILL) in the middle of a canary on Kubernetes: the next

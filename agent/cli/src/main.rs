@@ -114,6 +114,14 @@ pub struct Common {
         value_delimiter = ','
     )]
     pub kube_contexts: Vec<String>,
+    /// Requests a second to each Kubernetes cluster, on average (as
+    /// client-go's QPS).
+    #[arg(long, env = "SLUICE_KUBE_QPS", default_value_t = sluice_kube::client::DEFAULT_QPS)]
+    pub kube_qps: f64,
+    /// Requests to each Kubernetes cluster at once, after a pause (as
+    /// client-go's Burst).
+    #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = sluice_kube::client::DEFAULT_BURST)]
+    pub kube_burst: u32,
     #[command(flatten)]
     pub forge: ForgeArgs,
 }
@@ -618,6 +626,7 @@ async fn apply(
     Ok(match result {
         Reconciled::Applied { .. } | Reconciled::UpToDate { .. } => ExitCode::SUCCESS,
         Reconciled::Reverted { .. }
+        | Reconciled::Rejected { .. }
         | Reconciled::SkippedFailed { .. }
         | Reconciled::Waiting { .. } => ExitCode::from(1),
     })
@@ -676,7 +685,14 @@ async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<Ex
     let reports = engine.drift(heal).await?;
     output::drift(common.output, &reports);
     let drifted = reports.iter().any(|r| r.items.len() > r.healed.len());
-    Ok(if exit_code && drifted {
+    // A heal that could not re-apply is a failure whatever --exit-code says.
+    let failed = reports.iter().any(|r| !r.heal_failed.is_empty());
+    if failed {
+        for (id, why) in reports.iter().flat_map(|r| &r.heal_failed) {
+            eprintln!("error: {id} not healed: {why}");
+        }
+    }
+    Ok(if failed || (exit_code && drifted) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -122,10 +122,13 @@ pub fn drift(format: Format, reports: &[sluice_core::engine::DriftReport]) {
                         DriftKind::Missing => "missing",
                         DriftKind::Modified => "modified",
                     };
+                    let failed = r.heal_failed.iter().find(|(id, _)| id == &i.id);
                     let healed = if r.healed.contains(&i.id) {
-                        " (healed)"
+                        " (healed)".to_string()
+                    } else if let Some((_, why)) = failed {
+                        format!(" (NOT healed: {})", esc(why))
                     } else {
-                        ""
+                        String::new()
                     };
                     let _ = writeln!(
                         s,
@@ -185,6 +188,9 @@ pub fn reconciled(format: Format, r: &Reconciled) {
             Reconciled::SkippedFailed { revision, reason } => {
                 json!({"result": "skipped-failed", "revision": revision, "reason": reason})
             }
+            Reconciled::Rejected { plan, error } => {
+                json!({"result": "rejected", "plan": plan, "error": error})
+            }
             Reconciled::Reverted {
                 plan,
                 error,
@@ -216,6 +222,13 @@ pub fn reconciled(format: Format, r: &Reconciled) {
             "{} failed before and is not retried until a newer commit arrives (use --retry to force): {reason}",
             revision.commit.short()
         ),
+        Reconciled::Rejected { plan, error } => {
+            print!("{}", to_text(plan));
+            println!(
+                "\n{} REJECTED before anything was written: {error}\nNothing changed, so nothing was reverted; fix the commit and push a new one.",
+                plan.revision.commit.short()
+            );
+        }
         Reconciled::Reverted {
             plan,
             error,

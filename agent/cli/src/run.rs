@@ -136,6 +136,11 @@ pub struct Election {
     /// several replicas exactly one applies at a time.
     #[arg(long, env = "SLUICE_LEADER_ELECT")]
     pub leader_elect: bool,
+    /// Kubeconfig context of the cluster holding the Lease (default: the
+    /// cluster the agent runs in, when in a pod; else the current
+    /// context). Never a target's context unless named here.
+    #[arg(long, env = "SLUICE_LEASE_CONTEXT")]
+    pub lease_context: Option<String>,
     /// Namespace of the Lease (default: $POD_NAMESPACE, else sluice-system).
     #[arg(long, env = "SLUICE_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -164,9 +169,19 @@ impl Election {
         if !self.leader_elect {
             return Ok(None);
         }
-        let cluster = sluice_kube::Cluster::connect(common.kubeconfig.as_deref(), None)
-            .await
-            .map_err(|e| setup::ConfigError(format!("--leader-elect: {e}")))?;
+        // The Lease lives on the agent's own cluster: in a pod, the one it
+        // runs in, whatever kubeconfig the targets use.
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        let cluster = match (&self.lease_context, in_pod) {
+            (None, true) => sluice_kube::Cluster::in_cluster(),
+            (context, _) => {
+                sluice_kube::Cluster::connect(common.kubeconfig.as_deref(), context.as_deref())
+                    .await
+            }
+        }
+        .and_then(|c| c.with_rate(common.kube_qps, common.kube_burst))
+        .map_err(|e| setup::ConfigError(format!("--leader-elect: {e}")))?;
+        info!(server = %cluster.server, context = self.lease_context.as_deref().unwrap_or(if in_pod { "in-cluster" } else { "current" }), "leader election cluster");
         let namespace = self
             .lease_namespace
             .clone()
@@ -346,6 +361,9 @@ async fn reconcile_loop(
                     Reconciled::Applied { plan, duration } => {
                         shared.metrics.rollouts.fetch_add(1, Ordering::Relaxed);
                         info!(commit = %plan.revision.commit, ms = duration.as_millis() as u64, "applied");
+                    }
+                    Reconciled::Rejected { plan, error } => {
+                        warn!(commit = %plan.revision.commit, %error, "commit rejected before anything was written");
                     }
                     Reconciled::Reverted {
                         plan,

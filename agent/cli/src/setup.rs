@@ -104,6 +104,12 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
     let source = source(common, dir.join("git"))?;
     let exe = std::env::current_exe()
         .map_err(|e| ConfigError(format!("locating the sluice binary: {e}")))?;
+    if !(common.kube_qps.is_finite() && common.kube_qps > 0.0) || common.kube_burst == 0 {
+        return Err(ConfigError(format!(
+            "--kube-qps {} --kube-burst {}: both must be above zero",
+            common.kube_qps, common.kube_burst
+        )));
+    }
     let mut contexts = BTreeMap::new();
     for pair in &common.kube_contexts {
         let (target, context) = pair
@@ -128,6 +134,7 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         },
         kube: KubeProvider {
             kubeconfig: common.kubeconfig.clone(),
+            rate: (common.kube_qps, common.kube_burst),
             contexts,
             built: Mutex::new(BTreeMap::new()),
         },
@@ -367,6 +374,8 @@ impl TargetProvider for Provider {
 /// Connects to each Kubernetes target's cluster once, on first use.
 struct KubeProvider {
     kubeconfig: Option<PathBuf>,
+    /// Requests a second and at once, per cluster.
+    rate: (f64, u32),
     /// target → kubeconfig context (`--kube-context`).
     contexts: BTreeMap<String, String>,
     built: Mutex<BTreeMap<String, Arc<dyn Target>>>,
@@ -400,7 +409,12 @@ impl TargetProvider for KubeProvider {
             return Ok(t.clone());
         }
         let context = self.context(&def.name);
-        let connect = sluice_kube::Cluster::connect(self.kubeconfig.as_deref(), context.as_deref());
+        let (qps, burst) = self.rate;
+        let connect = async {
+            sluice_kube::Cluster::connect(self.kubeconfig.as_deref(), context.as_deref())
+                .await?
+                .with_rate(qps, burst)
+        };
         // Loading a kubeconfig may run credential plugins: async, while
         // providers are called from sync code on the multi-thread runtime.
         let cluster =

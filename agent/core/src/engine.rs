@@ -110,6 +110,10 @@ pub enum Reconciled {
         until: Option<chrono::DateTime<chrono::Utc>>,
         reason: String,
     },
+    /// Refused before anything was written: a target's prepare (download,
+    /// verify, dry run) failed. Nothing changed, so nothing is reverted;
+    /// the commit is recorded as failed and not retried until a newer one.
+    Rejected { plan: Plan, error: String },
     /// The rollout failed and the touched targets were put back.
     Reverted {
         plan: Plan,
@@ -182,6 +186,10 @@ pub struct DriftReport {
     pub items: Vec<DriftItem>,
     /// Resources re-applied by this scan (services with `drift: heal`).
     pub healed: Vec<ResourceId>,
+    /// Resources a heal could not re-apply, and why (a field another
+    /// manager owns needs `sluice.dev/force-conflicts: "true"`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heal_failed: Vec<(ResourceId, String)>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -541,9 +549,17 @@ impl Engine {
                 analysis: Vec::new(),
             })
         })?;
-        let result = self
-            .rollout(&prepared, kind == HistoryKind::Deploy, &resume)
-            .await;
+        // Prepare (download, verify, dry-run) everything before the first
+        // change; a failure here has written nothing.
+        let prepared_ok = self.prepare_targets(&prepared).await;
+        let rejected = prepared_ok.is_err();
+        let result = match prepared_ok {
+            Ok(()) => {
+                self.rollout(&prepared, kind == HistoryKind::Deploy, &resume)
+                    .await
+            }
+            Err(e) => Err((e, None)),
+        };
         let duration = started.elapsed();
         let (created, updated, deleted) = counts(&prepared.plan);
         let mut entry = HistoryEntry {
@@ -589,7 +605,11 @@ impl Engine {
             }
             Err((error, decision)) => {
                 let reason = error.to_string();
-                warn!(commit = %revision.commit, error = %reason, "rollout failed; reverting");
+                if rejected {
+                    warn!(commit = %revision.commit, error = %reason, "commit rejected before anything was written; nothing to revert");
+                } else {
+                    warn!(commit = %revision.commit, error = %reason, "rollout failed; reverting");
+                }
                 entry.outcome = Outcome::Failed;
                 entry.error = Some(reason.clone());
                 entry.decision = decision;
@@ -605,6 +625,15 @@ impl Engine {
                         });
                     }
                     rec.last_error = Some(reason.clone());
+                }
+                if rejected {
+                    state.in_progress = None;
+                    self.store.save(&state)?;
+                    self.store.append(&entry)?;
+                    return Ok(Reconciled::Rejected {
+                        plan: prepared.plan,
+                        error: reason,
+                    });
                 }
                 self.store.save(&state)?;
                 self.store.append(&entry)?;
@@ -625,6 +654,25 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Prepares (downloads, verifies, dry-runs) every change on its target,
+    /// before anything is written.
+    async fn prepare_targets(&self, prepared: &Prepared) -> Result<(), EngineError> {
+        for (name, target) in &prepared.targets {
+            let wanted: Vec<&DesiredResource> = prepared
+                .plan
+                .changes()
+                .filter(|c| {
+                    &c.id.target == name && !matches!(c.action, Action::Delete | Action::Release)
+                })
+                .filter_map(|c| prepared.rendered.desired.resources.get(&c.id))
+                .collect();
+            if !wanted.is_empty() {
+                target.prepare(&wanted).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies every wave in order, each followed by its gate. Inventory is
@@ -651,21 +699,6 @@ impl Engine {
                 "re-checking the gates of an interrupted rollout"
             );
             self.gate(prepared, 0, &services, resume).await?;
-        }
-        // Prepare (download, verify) everything before the first change.
-        for (name, target) in &prepared.targets {
-            let wanted: Vec<&DesiredResource> = prepared
-                .plan
-                .changes()
-                .filter(|c| &c.id.target == name && c.action != Action::Delete)
-                .filter_map(|c| prepared.rendered.desired.resources.get(&c.id))
-                .collect();
-            if !wanted.is_empty() {
-                target
-                    .prepare(&wanted)
-                    .await
-                    .map_err(|e| (e.into(), None))?;
-            }
         }
         for wave in &prepared.plan.waves {
             let step = format!(
@@ -706,7 +739,8 @@ impl Engine {
                         }),
                         None => Ok(()),
                     },
-                    Action::Delete => target.delete(&change.id).await,
+                    // The target releases what it must not delete.
+                    Action::Delete | Action::Release => target.delete(&change.id).await,
                     Action::Unchanged => Ok(()),
                 };
                 // Inventory first: whatever was created is recorded even if
@@ -756,7 +790,7 @@ impl Engine {
     ) -> Result<(), (EngineError, Option<Decision>)> {
         let topo = &prepared.rendered.topology;
         let (timeout, soak) = gate_times(topo, services);
-        let mut gates: Vec<Box<dyn Gate>> = vec![Box::new(HealthGate::new(soak))];
+        let mut gates: Vec<Box<dyn Gate>> = vec![Box::new(HealthGate::new(timeout, soak))];
         for f in &self.gate_factories {
             gates.extend(f.gates(topo, services));
         }
@@ -770,6 +804,10 @@ impl Engine {
         );
         self.progress(wave, &step).map_err(|e| (e, None))?;
         let started = Instant::now();
+        // Checks back off from `gate_poll` to MAX_GATE_POLL: a wave that is
+        // slow to become healthy, or soaking, costs a few requests a
+        // second at first and one every two seconds after.
+        let mut poll = self.gate_poll;
         let fail =
             |gate: &str, resource: Option<String>, measurement: String, threshold: String| {
                 let decision = Decision {
@@ -825,7 +863,8 @@ impl Engine {
                     format!("passed within {}s", (timeout + soak).as_secs()),
                 ));
             }
-            self.clock.sleep(self.gate_poll).await;
+            self.clock.sleep(poll).await;
+            poll = (poll * 2).min(MAX_GATE_POLL.max(self.gate_poll));
         }
     }
 
@@ -1084,7 +1123,7 @@ impl Engine {
             let items: Vec<DriftItem> = prepared
                 .plan
                 .changes()
-                .filter(|c| c.action != Action::Delete)
+                .filter(|c| !matches!(c.action, Action::Delete | Action::Release))
                 .map(|c| DriftItem {
                     id: c.id.clone(),
                     service: c.service.clone(),
@@ -1105,6 +1144,7 @@ impl Engine {
                 .map(|(n, _)| n.as_str())
                 .collect();
             let mut healed = Vec::new();
+            let mut heal_failed = Vec::new();
             if heal && items.iter().any(|i| healing.contains(i.service.as_str())) {
                 let started = Instant::now();
                 let mut errors = Vec::new();
@@ -1120,10 +1160,21 @@ impl Engine {
                     };
                     match target.apply(r).await {
                         Ok(()) => healed.push(item.id.clone()),
-                        Err(e) => errors.push(e.to_string()),
+                        Err(e) => {
+                            warn!(resource = %item.id, error = %e, "drift not healed");
+                            errors.push(e.to_string());
+                            heal_failed.push((item.id.clone(), e.to_string()));
+                        }
                     }
                 }
-                info!(target = %name, healed = healed.len(), "drift healed");
+                info!(target = %name, healed = healed.len(), failed = heal_failed.len(), "drift healed");
+                if !errors.is_empty() {
+                    let reason = format!("drift not healed: {}", errors.join("; "));
+                    self.mark(|s| {
+                        s.targets.entry(name.clone()).or_default().last_error =
+                            Some(reason.clone());
+                    })?;
+                }
                 self.store.append(&HistoryEntry {
                     at: self.clock.now(),
                     kind: HistoryKind::Heal,
@@ -1153,6 +1204,7 @@ impl Engine {
                 commit: applied.commit.clone(),
                 items,
                 healed,
+                heal_failed,
             });
         }
         Ok(reports)
@@ -1251,6 +1303,7 @@ impl Engine {
                 name: name.clone(),
                 kind: rec.kind.unwrap_or(TargetKind::Host),
                 ring: 0,
+                service_account_name: None,
             };
             let ids: Vec<_> = rec.inventory.keys().cloned().collect();
             let live = match self.target(&def) {
@@ -1405,7 +1458,7 @@ impl Engine {
                 Action::Create | Action::Update => {
                     rec.inventory.insert(id.clone(), service.to_string());
                 }
-                Action::Delete if ok => {
+                Action::Delete | Action::Release if ok => {
                     rec.inventory.remove(id);
                 }
                 _ => {}
@@ -1413,6 +1466,9 @@ impl Engine {
         })
     }
 }
+
+/// The longest wait between two checks of a wave's gates.
+const MAX_GATE_POLL: Duration = Duration::from_secs(2);
 
 fn gate_times(topo: &Topology, services: &[String]) -> (Duration, Duration) {
     let mut timeout = Duration::ZERO;

@@ -52,16 +52,19 @@ pub trait GateFactory: Send + Sync {
     fn gates(&self, topology: &Topology, services: &[String]) -> Vec<Box<dyn Gate>>;
 }
 
-/// Every changed resource healthy, then still healthy for `soak`.
+/// Every changed resource healthy within `timeout` (the gate timeout),
+/// then still healthy for `soak` after.
 pub struct HealthGate {
+    timeout: Duration,
     soak: Duration,
     /// When the wave was first seen all healthy (relative to gate start).
     healthy_since: Mutex<Option<Duration>>,
 }
 
 impl HealthGate {
-    pub fn new(soak: Duration) -> Self {
+    pub fn new(timeout: Duration, soak: Duration) -> Self {
         HealthGate {
+            timeout,
             soak,
             healthy_since: Mutex::new(None),
         }
@@ -107,6 +110,18 @@ impl Gate for HealthGate {
                         measurement: format!("{measurement}, turned unhealthy while soaking"),
                         threshold: format!("healthy for {}s", self.soak.as_secs()),
                     }
+                } else if ctx.elapsed >= self.timeout {
+                    Verdict::Fail {
+                        resource: Some(id.to_string()),
+                        measurement: format!(
+                            "{measurement}, not healthy after {}s",
+                            ctx.elapsed.as_secs()
+                        ),
+                        threshold: format!(
+                            "healthy within {}s (gateTimeout)",
+                            self.timeout.as_secs()
+                        ),
+                    }
                 } else {
                     Verdict::Wait {
                         reason: measurement,
@@ -151,7 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_waits_then_soaks_and_fails_if_it_turns_unhealthy() {
-        let g = HealthGate::new(Duration::from_millis(100));
+        let g = HealthGate::new(Duration::from_secs(3600), Duration::from_millis(100));
         assert!(matches!(
             check(&g, Health::Progressing, 0).await,
             Verdict::Wait { .. }
@@ -161,11 +176,38 @@ mod tests {
             Verdict::Wait { .. }
         ));
         assert_eq!(check(&g, Health::Healthy, 120).await, Verdict::Pass);
-        let g = HealthGate::new(Duration::from_millis(100));
+        let g = HealthGate::new(Duration::from_secs(3600), Duration::from_millis(100));
         check(&g, Health::Healthy, 0).await;
         assert!(matches!(
             check(&g, Health::Degraded, 50).await,
             Verdict::Fail { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn the_gate_timeout_is_the_time_to_become_healthy_and_soak_comes_after() {
+        // gateTimeout 1 s, soak 10 s: not healthy at 1 s fails then, not
+        // at 11 s; healthy at 0.9 s soaks on until 10.9 s.
+        let g = HealthGate::new(Duration::from_secs(1), Duration::from_secs(10));
+        assert!(matches!(
+            check(&g, Health::Progressing, 900).await,
+            Verdict::Wait { .. }
+        ));
+        match check(&g, Health::Progressing, 1000).await {
+            Verdict::Fail { threshold, .. } => {
+                assert_eq!(threshold, "healthy within 1s (gateTimeout)")
+            }
+            v => panic!("{v:?}"),
+        }
+        let g = HealthGate::new(Duration::from_secs(1), Duration::from_secs(10));
+        assert!(matches!(
+            check(&g, Health::Healthy, 900).await,
+            Verdict::Wait { .. }
+        ));
+        assert!(matches!(
+            check(&g, Health::Healthy, 5000).await,
+            Verdict::Wait { .. }
+        ));
+        assert_eq!(check(&g, Health::Healthy, 10_900).await, Verdict::Pass);
     }
 }

@@ -1173,6 +1173,7 @@ fn action_name(a: Action) -> &'static str {
         Action::Create => "create",
         Action::Update => "update",
         Action::Delete => "delete",
+        Action::Release => "release",
         Action::Unchanged => "unchanged",
     }
 }

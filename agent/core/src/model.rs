@@ -105,6 +105,12 @@ pub struct TargetDef {
     /// Ring 0 rolls first (a staging cluster, a canary host group).
     #[serde(default)]
     pub ring: u32,
+    /// Kubernetes: the ServiceAccount sluice impersonates to write this
+    /// target's objects (`namespace/name`, or `name` in each object's
+    /// namespace), so they are limited by its Roles; a service's own
+    /// `serviceAccountName` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -143,6 +149,11 @@ pub struct ServiceDef {
     /// What a drift scan does when live differs from the applied commit.
     #[serde(default)]
     pub drift: DriftPolicy,
+    /// Kubernetes: the ServiceAccount sluice impersonates to write this
+    /// service's objects (`namespace/name`, or `name` in each object's
+    /// namespace): a team's service can write only where its Roles allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
     #[serde(default, with = "duration::option")]
     pub soak: Option<Duration>,
     #[serde(default, with = "duration::option")]

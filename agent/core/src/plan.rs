@@ -40,7 +40,29 @@ pub enum Action {
     Create,
     Update,
     Delete,
+    /// Dropped from sluice's inventory and left in place: a Namespace, CRD
+    /// or PersistentVolumeClaim not annotated `sluice.dev/prune: "true"`,
+    /// or anything annotated `"false"`. Deleting those loses data.
+    Release,
     Unchanged,
+}
+
+/// Kinds whose objects are only deleted on opt-in (`sluice.dev/prune:
+/// "true"`): deleting them deletes what they hold.
+pub const PRUNE_PROTECTED: [&str; 3] = [
+    "Namespace",
+    "apiextensions.k8s.io/CustomResourceDefinition",
+    "PersistentVolumeClaim",
+];
+
+/// The annotation that opts an object into pruning ("true") or out ("false").
+pub const PRUNE_ANNOTATION: &str = "sluice.dev/prune";
+
+/// Whether an object sluice no longer wants is released rather than
+/// deleted, from its kind and its live annotation.
+pub fn released(id: &ResourceId, live: Option<&LiveResource>) -> bool {
+    let prune = live.and_then(|l| l.body["metadata"]["annotations"][PRUNE_ANNOTATION].as_str());
+    prune == Some("false") || (PRUNE_PROTECTED.contains(&id.kind.as_str()) && prune != Some("true"))
 }
 
 /// One resource's change.
@@ -89,10 +111,15 @@ impl Plan {
         self.waves.iter().flat_map(|w| w.changes.iter())
     }
 
-    /// "2 to create, 1 to update, 0 to delete, 4 unchanged, in 2 wave(s)".
+    /// "2 to create, 1 to update, 0 to delete, 4 unchanged, in 2 wave(s)",
+    /// with "1 to release (kept, no longer managed)" when there are any.
     pub fn summary(&self) -> String {
+        let released = match self.count(Action::Release) {
+            0 => String::new(),
+            n => format!(", {n} to release (kept, no longer managed)"),
+        };
         format!(
-            "{} to create, {} to update, {} to delete, {} unchanged, in {} wave(s)",
+            "{} to create, {} to update, {} to delete{released}, {} unchanged, in {} wave(s)",
             self.count(Action::Create),
             self.count(Action::Update),
             self.count(Action::Delete),
@@ -184,10 +211,15 @@ pub fn plan(
         if desired.resources.contains_key(id) {
             continue;
         }
+        let action = if released(id, live.get(id)) {
+            Action::Release
+        } else {
+            Action::Delete
+        };
         let change = Change {
             id: id.clone(),
             service: service.clone(),
-            action: Action::Delete,
+            action,
             fields: Vec::new(),
         };
         let ring = rings.get(id.target.as_str()).copied().unwrap_or(0);
@@ -249,7 +281,7 @@ pub fn plan(
 
 fn order_key(c: &Change) -> (bool, i32, &ResourceId) {
     let kind_rank = kind_rank(&c.id.kind);
-    let delete = c.action == Action::Delete;
+    let delete = matches!(c.action, Action::Delete | Action::Release);
     // Deletes go last and in reverse kind order (routes before processes).
     (delete, if delete { -kind_rank } else { kind_rank }, &c.id)
 }
@@ -308,6 +340,7 @@ pub fn to_text(plan: &Plan) -> String {
                 Action::Create => "+",
                 Action::Update => "~",
                 Action::Delete => "-",
+                Action::Release => "0",
                 Action::Unchanged => "=",
             };
             let _ = writeln!(s, "  {sign} {} ({})", c.id, c.service);
@@ -360,6 +393,7 @@ mod tests {
                     name: n.to_string(),
                     kind: TargetKind::Host,
                     ring: *r,
+                    service_account_name: None,
                 })
                 .collect(),
             services: deps
@@ -393,6 +427,7 @@ mod tests {
                     max_unavailable: None,
                     crash_restarts: None,
                     start_timeout: None,
+                    impersonate: None,
                     blobs: Default::default(),
                 };
                 (id, r)

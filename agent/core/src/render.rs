@@ -201,6 +201,7 @@ fn flags_resource(flags: &FlagsFile, target: &str) -> DesiredResource {
         max_unavailable: None,
         crash_restarts: None,
         start_timeout: None,
+        impersonate: None,
         blobs: BTreeMap::new(),
     }
 }
@@ -313,7 +314,7 @@ fn render_service(
             } else {
                 (
                     TargetKind::Kubernetes,
-                    vec![kube_body(file, offset, value)?],
+                    vec![kube_body(file, doc, offset, value)?],
                 )
             };
             let fitting: Vec<_> = targets
@@ -339,6 +340,16 @@ fn render_service(
                     } else {
                         body.clone().unwrap_or_default()
                     };
+                    let impersonate = match (&service.service_account_name, &t.service_account_name)
+                    {
+                        _ if t.kind != TargetKind::Kubernetes => None,
+                        (Some(sa), _) | (None, Some(sa)) => {
+                            Some(impersonated(sa, namespace.as_deref()).map_err(|reason| {
+                                RenderError::invalid(file, Some("metadata.namespace"), None, reason)
+                            })?)
+                        }
+                        (None, None) => None,
+                    };
                     out.push(DesiredResource {
                         id: ResourceId {
                             target: t.name.clone(),
@@ -354,6 +365,7 @@ fn render_service(
                         max_unavailable: Some(service.rollout.max_unavailable),
                         crash_restarts: Some(service.rollout.crash_restarts),
                         start_timeout: Some(service.rollout.gate_timeout),
+                        impersonate,
                         blobs: blobs.clone(),
                     });
                 }
@@ -664,7 +676,7 @@ fn check_artifact(
     Ok(())
 }
 
-fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError> {
+fn kube_body(file: &str, doc: &str, offset: usize, mut body: Value) -> Result<Body, RenderError> {
     if !body.is_object() {
         return Err(RenderError::invalid(
             file,
@@ -673,8 +685,8 @@ fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError
             "a manifest must be a mapping",
         ));
     }
-    let api_version = body["apiVersion"].as_str().unwrap_or_default();
-    let kind = body["kind"].as_str().ok_or_else(|| {
+    let api_version = body["apiVersion"].as_str().unwrap_or_default().to_string();
+    let kind = body["kind"].as_str().map(str::to_string).ok_or_else(|| {
         RenderError::invalid(
             file,
             Some("kind"),
@@ -682,14 +694,17 @@ fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError
             "missing or not a string",
         )
     })?;
-    let name = body["metadata"]["name"].as_str().ok_or_else(|| {
-        RenderError::invalid(
-            file,
-            Some("metadata.name"),
-            Some(offset + 1),
-            "missing or not a string",
-        )
-    })?;
+    let name = body["metadata"]["name"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| {
+            RenderError::invalid(
+                file,
+                Some("metadata.name"),
+                Some(offset + 1),
+                "missing or not a string",
+            )
+        })?;
     let namespace = body["metadata"]["namespace"].as_str().map(str::to_string);
     let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
     let kind_id = if group.is_empty() {
@@ -697,6 +712,9 @@ fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError
     } else {
         format!("{group}/{kind}")
     };
+    if group.is_empty() && (kind == "ConfigMap" || kind == "Secret") {
+        string_data(file, doc, offset, &kind, &mut body)?;
+    }
     let mut redact = Vec::new();
     if kind == "Secret" && group.is_empty() {
         redact.push("data".to_string());
@@ -710,6 +728,93 @@ fn kube_body(file: &str, offset: usize, body: Value) -> Result<Body, RenderError
         redact,
         BTreeMap::new(),
     ))
+}
+
+/// ConfigMap and Secret data are maps of strings: the API server refuses
+/// anything else at apply, with a 500 naming no file (`data: {enabled:
+/// true}`), so render does, naming file, line and key. A null value is
+/// what the server stores as "": it is written as "" here, so the plan
+/// compares like with like and converges. Values are never echoed (a
+/// Secret's are secret).
+fn string_data(
+    file: &str,
+    doc: &str,
+    offset: usize,
+    kind: &str,
+    body: &mut Value,
+) -> Result<(), RenderError> {
+    let fields: &[&str] = if kind == "Secret" {
+        &["data", "stringData"]
+    } else {
+        &["data", "binaryData"]
+    };
+    for field in fields {
+        let at = |keys: &[&str]| Some(offset + find_line(doc, keys).unwrap_or(1));
+        let Some(map) = body.get_mut(*field) else {
+            continue;
+        };
+        let map = match map {
+            Value::Null => continue,
+            Value::Object(m) => m,
+            _ => {
+                return Err(RenderError::invalid(
+                    file,
+                    Some(field),
+                    at(&[field]),
+                    format!("{kind} {field} must be a mapping of keys to strings"),
+                ))
+            }
+        };
+        for (key, value) in map.iter_mut() {
+            let what = match value {
+                Value::String(_) => continue,
+                Value::Null => {
+                    *value = Value::String(String::new());
+                    continue;
+                }
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::Array(_) => "a list",
+                Value::Object(_) => "a mapping",
+            };
+            return Err(RenderError::invalid(
+                file,
+                Some(&format!("{field}.{key}")),
+                at(&[field, key]),
+                format!(
+                    "{kind} {field} values must be strings, not {what}: quote it (\"...\") as the API server takes only strings here"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The user a `serviceAccountName` stands for, for an object in
+/// `namespace`: `ns/name` is that account, `name` the one of that name in
+/// the object's own namespace.
+fn impersonated(sa: &str, namespace: Option<&str>) -> Result<String, String> {
+    let (ns, name) = match sa.split_once('/') {
+        Some((ns, name)) => (ns, name),
+        None => match namespace {
+            Some(ns) => (ns, sa),
+            None => {
+                return Err(format!(
+                    "serviceAccountName {sa:?} names an account in the object's namespace, and this object has none: give it a metadata.namespace or write serviceAccountName as namespace/name"
+                ))
+            }
+        },
+    };
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    if !valid(ns) || !valid(name) {
+        return Err(format!("serviceAccountName {sa:?}: not a namespace/name of lowercase letters, digits, '-' and '.'"));
+    }
+    Ok(format!("system:serviceaccount:{ns}:{name}"))
 }
 
 /// A Route must point at a Process of the same service.
@@ -973,6 +1078,54 @@ mod tests {
             ("api/p.yaml", PROC),
         ]);
         assert!(e.contains("services.api.path"), "{e}");
+    }
+
+    #[test]
+    fn config_map_data_must_be_strings_and_nulls_read_as_the_server_stores_them() {
+        let topo = "apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: k\n    type: kubernetes\nservices:\n  api:\n    path: api\n";
+        let cm = |data: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  namespace: n\ndata:\n{data}")
+        };
+        let e = err(&[
+            ("sluice.yaml", topo),
+            ("api/c.yaml", &cm("  name: x\n  enabled: true\n")),
+        ]);
+        assert!(
+            e.contains("api/c.yaml:8:") && e.contains("`data.enabled`"),
+            "{e}"
+        );
+        assert!(e.contains("not a boolean"), "{e}");
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n  namespace: n\nstringData:\n  pin: 12345\n";
+        let e = err(&[("sluice.yaml", topo), ("api/s.yaml", secret)]);
+        assert!(e.contains("stringData.pin") && !e.contains("12345"), "{e}");
+        let r = render(&snapshot(&[
+            ("sluice.yaml", topo),
+            ("api/c.yaml", &cm("  empty: ~\n")),
+        ]))
+        .unwrap();
+        let (_, c) = r
+            .desired
+            .resources
+            .iter()
+            .find(|(id, _)| id.kind == "ConfigMap")
+            .unwrap();
+        assert_eq!(c.body["data"]["empty"], "");
+    }
+
+    #[test]
+    fn service_account_names_become_the_user_sluice_impersonates() {
+        assert_eq!(
+            impersonated("team-a/deployer", None).unwrap(),
+            "system:serviceaccount:team-a:deployer"
+        );
+        assert_eq!(
+            impersonated("deployer", Some("shop")).unwrap(),
+            "system:serviceaccount:shop:deployer"
+        );
+        assert!(impersonated("deployer", None)
+            .unwrap_err()
+            .contains("namespace/name"));
+        assert!(impersonated("Team/x y", None).is_err());
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub struct DesiredResource {
     /// fails (the service's `gateTimeout`). None: the target's own limit.
     #[serde(skip)]
     pub start_timeout: Option<std::time::Duration>,
+    /// Kubernetes: the user sluice impersonates to write this object
+    /// (`system:serviceaccount:<namespace>:<name>`), from
+    /// `serviceAccountName`. None: sluice's own identity.
+    #[serde(skip)]
+    pub impersonate: Option<String>,
     /// Repository files the resource needs, keyed by sha256 hex digest
     /// (already verified by render). Not serialised: content lives in git,
     /// the digest in `body`.
@@ -216,6 +221,7 @@ mod tests {
                 max_unavailable: None,
                 crash_restarts: None,
                 start_timeout: None,
+                impersonate: None,
                 blobs: Default::default(),
             };
             DesiredState::new(rev.clone(), [(id, r)].into())

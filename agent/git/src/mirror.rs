@@ -433,6 +433,9 @@ impl Inner {
         })
     }
 
+    /// A revision by git's rules, from the mirror: `HEAD` (the watched
+    /// branch), a branch, a tag, a full or abbreviated commit id, each
+    /// with ancestry suffixes (`HEAD~2`, `main^`, `v1.2^2~1`).
     fn resolve_local(&self, rev: &str) -> Result<Revision, SourceError> {
         let repo = self.open()?;
         let not_found = || SourceError::CommitNotFound {
@@ -445,26 +448,45 @@ impl Inner {
         {
             return Err(not_found());
         }
-        let candidates = [
-            tracking_ref(rev),
-            format!("refs/tags/{rev}"),
-            format!("refs/sluice/keep/{rev}"),
-        ];
-        for name in &candidates {
-            if let Ok(oid) = repo.refname_to_id(name) {
-                if let Ok(c) = repo.find_object(oid, None).and_then(|o| o.peel_to_commit()) {
-                    return revision(&repo, c.id()).map_err(|e| self.local_err(&e));
-                }
-            }
-        }
-        if rev.len() >= 4 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
-            if let Ok(obj) = repo.revparse_single(rev) {
-                if let Ok(c) = obj.peel_to_commit() {
-                    return revision(&repo, c.id()).map_err(|e| self.local_err(&e));
-                }
-            }
-        }
-        Err(not_found())
+        let (base, suffix) = split_ancestry(rev).ok_or_else(not_found)?;
+        let base_oid = if base == "HEAD" || base == "@" {
+            let branch = self
+                .branch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(not_found)?;
+            repo.refname_to_id(&tracking_ref(&branch)).ok()
+        } else {
+            [
+                tracking_ref(base),
+                format!("refs/tags/{base}"),
+                format!("refs/sluice/keep/{base}"),
+                format!("refs/sluice/fetched/{}", base.trim_start_matches("refs/")),
+            ]
+            .iter()
+            .find_map(|name| repo.refname_to_id(name).ok())
+            .or_else(|| {
+                (base.len() >= 4 && base.chars().all(|c| c.is_ascii_hexdigit()))
+                    .then(|| repo.revparse_single(base).ok().map(|o| o.id()))
+                    .flatten()
+            })
+        };
+        let oid = base_oid.ok_or_else(not_found)?;
+        let commit = repo
+            .find_object(oid, None)
+            .and_then(|o| o.peel_to_commit())
+            .map_err(|_| not_found())?;
+        let target = if suffix.is_empty() {
+            commit
+        } else {
+            // An ancestor past a shallow mirror's edge is not found here;
+            // the caller deepens and asks again.
+            repo.revparse_single(&format!("{}{suffix}", commit.id()))
+                .and_then(|o| o.peel_to_commit())
+                .map_err(|_| not_found())?
+        };
+        revision(&repo, target.id()).map_err(|e| self.local_err(&e))
     }
 
     fn snapshot_local(&self, commit: &CommitId, limits: &Limits) -> Result<Snapshot, SourceError> {
@@ -738,6 +760,24 @@ fn is_commit_id(s: &str) -> bool {
     (7..=40).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// `HEAD~2` as ("HEAD", "~2"): a name and its ancestry suffix (a chain of
+/// `~N`, `^N`, `~`, `^`); None if what follows the name is not one.
+fn split_ancestry(rev: &str) -> Option<(&str, &str)> {
+    let at = rev.find(['~', '^']).unwrap_or(rev.len());
+    let (base, suffix) = rev.split_at(at);
+    let valid = suffix
+        .split(['~', '^'])
+        .skip(1)
+        .all(|n| n.bytes().all(|b| b.is_ascii_digit()) && n.len() <= 6);
+    (!base.is_empty() && valid).then_some((base, suffix))
+}
+
+/// A revision that may need history the shallow mirror lacks: a commit id
+/// or an ancestor.
+fn may_need_history(rev: &str) -> bool {
+    is_commit_id(rev) || rev.contains(['~', '^'])
+}
+
 /// What a git run was doing, for errors that name no cause.
 #[derive(Clone, Copy)]
 enum Step {
@@ -794,7 +834,7 @@ impl Source for GitSource {
         match found {
             // A commit older than the shallow mirror: fetch it, if the
             // remote answers; offline, the local answer stands.
-            Err(SourceError::CommitNotFound { .. }) if is_commit_id(rev) => {
+            Err(SourceError::CommitNotFound { .. }) if may_need_history(rev) => {
                 let _guard = self.0.repo.lock().await;
                 if self.0.deepen_to(rev).await.is_ok() {
                     drop(_guard);
@@ -813,8 +853,17 @@ impl Source for GitSource {
     }
 
     async fn fetch_ref(&self, name: &str) -> Result<Revision, SourceError> {
-        if is_commit_id(name) {
+        if is_commit_id(name) || name == "HEAD" || name == "@" {
             return self.resolve(name).await;
+        }
+        // An ancestor of a ref (`feature~1`): fetch the ref, then walk.
+        if let Some((base, suffix)) = split_ancestry(name) {
+            if !suffix.is_empty() {
+                if base != "HEAD" && base != "@" && !is_commit_id(base) {
+                    self.0.fetch_ref(base).await?;
+                }
+                return self.resolve(name).await;
+            }
         }
         self.0.fetch_ref(name).await
     }
@@ -941,6 +990,18 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ancestry_suffixes_split_as_git_reads_them() {
+        assert_eq!(split_ancestry("HEAD~2"), Some(("HEAD", "~2")));
+        assert_eq!(split_ancestry("main^^"), Some(("main", "^^")));
+        assert_eq!(split_ancestry("v1.2^2~1"), Some(("v1.2", "^2~1")));
+        assert_eq!(split_ancestry("abc1234"), Some(("abc1234", "")));
+        assert_eq!(split_ancestry("HEAD~x"), None);
+        assert_eq!(split_ancestry("~2"), None);
+        assert!(may_need_history("HEAD~3") && may_need_history("abc1234"));
+        assert!(!may_need_history("main"));
+    }
 
     #[test]
     fn urls_are_validated() {

@@ -27,6 +27,9 @@
 //!   field); unknown `spec` fields of a Deployment under
 //!   `fieldValidation=Strict` (500, as recorded); objects in a missing
 //!   namespace (404 on the namespace).
+//! - Authentication by bearer token and RBAC from the Roles, ClusterRoles
+//!   and bindings applied to it, with the recorded 401/403 answers (see
+//!   [`rbac`]); the kubeconfig's own token is the cluster admin.
 //! - GET, LIST with `labelSelector` (`k=v`, `k`), DELETE (200 `Status`
 //!   then 404), the `status` subresource (merge patch), merge patches,
 //!   PUT with resourceVersion checks, Leases.
@@ -38,8 +41,8 @@
 //!   such an image); a PVC binds; a Service gets a clusterIP.
 //!
 //! # Not modelled
-//! WATCH, pagination, RBAC and authentication (every request is allowed),
-//! admission webhooks, OpenAPI schemas beyond the checks above, conversion
+//! WATCH, pagination, impersonation, aggregated ClusterRoles, admission
+//! webhooks, OpenAPI schemas beyond the checks above, conversion
 //! between versions, owner references and garbage collection (deleting a
 //! Namespace does not delete its objects), finalizers, pods and
 //! ReplicaSets, rate limiting (it never answers 429 unless told to with
@@ -56,11 +59,13 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+pub mod rbac;
+
 /// A kind the fake serves: (group, version, kind, plural, namespaced).
 type TypeDef = (String, String, String, String, bool);
 
 /// The built-in kinds served before any CRD is applied.
-pub const BUILTIN: [(&str, &str, &str, &str, bool); 16] = [
+pub const BUILTIN: [(&str, &str, &str, &str, bool); 17] = [
     ("", "v1", "Namespace", "namespaces", false),
     ("", "v1", "ConfigMap", "configmaps", true),
     ("", "v1", "Secret", "secrets", true),
@@ -90,6 +95,13 @@ pub const BUILTIN: [(&str, &str, &str, &str, bool); 16] = [
         "v1",
         "ClusterRole",
         "clusterroles",
+        false,
+    ),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
         false,
     ),
     ("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
@@ -199,10 +211,22 @@ impl Fake {
         format!("http://{}", self.addr)
     }
 
-    /// A kubeconfig with one context, `name`, pointing at this fake.
+    /// A kubeconfig with one context, `name`, pointing at this fake, as
+    /// its admin.
     pub fn kubeconfig(&self, contexts: &[&str]) -> String {
+        self.kubeconfig_with_token(contexts, rbac::ADMIN_TOKEN)
+    }
+
+    /// The token of a ServiceAccount: requests with it are authorised by
+    /// the Roles and bindings applied to the fake (see [`rbac`]).
+    pub fn service_account_token(namespace: &str, name: &str) -> String {
+        rbac::User::token(namespace, name)
+    }
+
+    /// A kubeconfig whose user presents `token`.
+    pub fn kubeconfig_with_token(&self, contexts: &[&str], token: &str) -> String {
         let mut s = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: fake-token\ncontexts:\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: fake\n  user:\n    token: {token}\ncontexts:\n",
             self.url()
         );
         for c in contexts {
@@ -413,7 +437,10 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         .forbidden
         .iter()
         .any(|(m, suffix)| m == method.as_str() && uri.path().ends_with(suffix.as_str()));
-    let response = if forbidden {
+    let denied = authorize(&guard, &method, &uri, &query, &headers);
+    let response = if let Some(denied) = denied {
+        denied
+    } else if forbidden {
         let segs: Vec<&str> = uri.path().rsplit('/').take(2).collect();
         let (name, plural) = (
             segs.first().copied().unwrap_or(""),
@@ -443,6 +470,137 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
         status: response.status().as_u16(),
     });
     response
+}
+
+/// Authentication and RBAC (see [`rbac`]): None when allowed, else the
+/// real server's 401 or 403.
+fn authorize(
+    inner: &Inner,
+    method: &Method,
+    uri: &Uri,
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    let Some(requester) = rbac::User::from_header(header) else {
+        return Some(status(
+            401,
+            "Unauthorized",
+            "Unauthorized".into(),
+            Value::Null,
+        ));
+    };
+    let impersonate = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if matches!(requester, rbac::User::Admin) && impersonate.is_none() {
+        return None;
+    }
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let a = rbac::Attributes::of(method.as_str(), uri.path(), watch);
+    let store: rbac::Store = inner
+        .objects
+        .iter()
+        .filter(|((g, p, _, _), _)| {
+            g == "rbac.authorization.k8s.io"
+                && matches!(
+                    p.as_str(),
+                    "clusterroles" | "clusterrolebindings" | "roles" | "rolebindings"
+                )
+        })
+        .map(|((_, p, ns, n), v)| ((p.as_str(), ns.as_str(), n.as_str()), v))
+        .collect();
+    let details = || {
+        let mut d = json!({"kind": a.resource});
+        if !a.name.is_empty() {
+            d["name"] = json!(a.name);
+        }
+        if !a.group.is_empty() {
+            d["group"] = json!(a.group);
+        }
+        d
+    };
+    // Impersonation: the requester needs `impersonate` on the account;
+    // then the request is authorised as the account (fixtures 60a, 60b).
+    let user = match impersonate {
+        None => requester,
+        Some(name) => {
+            let Some(sa) = rbac::User::service_account(&name) else {
+                return Some(status(
+                    403,
+                    "Forbidden",
+                    format!("users \"{name}\" is forbidden: only ServiceAccounts can be impersonated here"),
+                    Value::Null,
+                ));
+            };
+            let rbac::User::ServiceAccount {
+                namespace,
+                name: sa_name,
+            } = &sa
+            else {
+                unreachable!("service_account gives a ServiceAccount")
+            };
+            let may = rbac::Attributes {
+                verb: "impersonate".into(),
+                group: String::new(),
+                resource: "serviceaccounts".into(),
+                subresource: String::new(),
+                namespace: namespace.clone(),
+                name: sa_name.clone(),
+                path: uri.path().into(),
+            };
+            if !rbac::allowed(&requester, &may, &store) {
+                return Some(status(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "serviceaccounts \"{sa_name}\" is forbidden: User \"{}\" cannot impersonate resource \"serviceaccounts\" in API group \"\" in the namespace \"{namespace}\"",
+                        requester.name()
+                    ),
+                    json!({"name": sa_name, "kind": "serviceaccounts"}),
+                ));
+            }
+            sa
+        }
+    };
+    if !rbac::allowed(&user, &a, &store) {
+        return Some(status(403, "Forbidden", rbac::denial(&user, &a), details()));
+    }
+    // A server-side apply that creates the object needs `create` as well
+    // (fixtures 51c, 51f); the real server's message then names no verb.
+    let applying = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/apply-patch"));
+    if a.verb == "patch" && applying && a.subresource.is_empty() {
+        let key = (
+            a.group.clone(),
+            a.resource.clone(),
+            a.namespace.clone(),
+            a.name.clone(),
+        );
+        if !inner.objects.contains_key(&key) {
+            let create = rbac::Attributes {
+                verb: "create".into(),
+                ..rbac::Attributes::of(method.as_str(), uri.path(), false)
+            };
+            if !rbac::allowed(&user, &create, &store) {
+                let qualified = if a.group.is_empty() {
+                    a.resource.clone()
+                } else {
+                    format!("{}.{}", a.resource, a.group)
+                };
+                return Some(status(
+                    403,
+                    "Forbidden",
+                    format!("{qualified} \"{}\" is forbidden: ", a.name),
+                    details(),
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn decode(s: &str) -> String {

@@ -140,7 +140,7 @@ impl HttpRouteTraffic {
                 namespace: Some(ns.clone()),
                 name: name.clone(),
             };
-            self.applier.apply(&rid, &service, &body).await?;
+            self.applier.apply(&rid, &service, &body, None).await?;
         }
         info!(resource = %id, canary = %split.canary, weight = ?canary_percent, "route weights set");
         Ok(())
@@ -317,9 +317,16 @@ impl Traffic for HttpRouteTraffic {
                 name: canary.clone(),
             };
             self.applier
-                .apply_as(kind, &canary_id, &r.service, body, false)
+                .apply_as(
+                    kind,
+                    &canary_id,
+                    &r.service,
+                    body,
+                    false,
+                    r.impersonate.as_deref(),
+                )
                 .await
-                .map_err(|e| apply_error(id, e))?;
+                .map_err(|e| apply_error(id, kind, e))?;
         }
         self.wait_healthy(id, &d, &ns, &canary, r.start_timeout)
             .await?;
@@ -346,7 +353,9 @@ impl Traffic for HttpRouteTraffic {
     }
 
     async fn promote(&self, split: &Split, r: &DesiredResource) -> Result<(), TargetError> {
-        self.applier.apply(&r.id, &r.service, &r.body).await?;
+        self.applier
+            .apply(&r.id, &r.service, &r.body, r.impersonate.as_deref())
+            .await?;
         let (d, _, _) = self
             .kinds()
             .await

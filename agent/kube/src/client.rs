@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -99,6 +100,11 @@ pub struct Kind {
     pub namespaced: bool,
 }
 
+/// Requests a second to each cluster, on average and at once, unless set
+/// (`--kube-qps`, `--kube-burst`).
+pub const DEFAULT_QPS: f64 = 50.0;
+pub const DEFAULT_BURST: u32 = 100;
+
 /// A token bucket: at most `qps` calls a second on average, `burst` at once.
 struct Limiter {
     qps: f64,
@@ -140,7 +146,10 @@ pub struct Cluster {
     kinds: Mutex<HashMap<String, Vec<Kind>>>,
     /// group → preferred version; refreshed when a kind is not found.
     preferred: Mutex<Option<HashMap<String, String>>>,
-    limiter: Limiter,
+    /// Shared with the clients that impersonate: one budget per cluster.
+    limiter: Arc<Limiter>,
+    /// How the client was made, for clients that impersonate.
+    config: kube::Config,
 }
 
 impl Cluster {
@@ -174,15 +183,53 @@ impl Cluster {
         // ATTEMPTS), rather than two stacked.
         let mut config = config;
         config.default_retry = false;
+        Cluster::from_config(config)
+    }
+
+    fn from_config(config: kube::Config) -> Result<Cluster, KubeError> {
         let server = config.cluster_url.to_string();
-        let client = Client::try_from(config).map_err(|e| KubeError::Config(e.to_string()))?;
+        let client =
+            Client::try_from(config.clone()).map_err(|e| KubeError::Config(e.to_string()))?;
         Ok(Cluster {
             client,
             server,
             kinds: Mutex::new(HashMap::new()),
             preferred: Mutex::new(None),
-            limiter: Limiter::new(50.0, 100.0),
+            limiter: Arc::new(Limiter::new(DEFAULT_QPS, f64::from(DEFAULT_BURST))),
+            config,
         })
+    }
+
+    /// The same cluster, every request made as `user` (the
+    /// `Impersonate-User` header): allowed only what `user` is allowed,
+    /// if sluice's own identity may impersonate it. Shares the rate budget.
+    pub fn impersonating(&self, user: &str) -> Result<Cluster, KubeError> {
+        let mut config = self.config.clone();
+        config.auth_info.impersonate = Some(user.to_string());
+        config.auth_info.impersonate_groups = None;
+        let mut c = Cluster::from_config(config)?;
+        c.limiter = self.limiter.clone();
+        Ok(c)
+    }
+
+    /// The cluster the agent runs in, from its pod's service account.
+    pub fn in_cluster() -> Result<Cluster, KubeError> {
+        let mut config = kube::Config::incluster()
+            .map_err(|e| KubeError::Config(format!("in-cluster config: {e}")))?;
+        config.default_retry = false;
+        Cluster::from_config(config)
+    }
+
+    /// At most `qps` requests a second on average, `burst` at once (as
+    /// client-go's QPS and Burst); non-positive values are refused.
+    pub fn with_rate(mut self, qps: f64, burst: u32) -> Result<Cluster, KubeError> {
+        if !(qps.is_finite() && qps > 0.0) || burst == 0 {
+            return Err(KubeError::Config(format!(
+                "a request rate of {qps}/s with a burst of {burst}: both must be above zero"
+            )));
+        }
+        self.limiter = Arc::new(Limiter::new(qps, f64::from(burst)));
+        Ok(self)
     }
 
     /// The namespace for namespaced objects that name none.

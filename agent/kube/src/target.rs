@@ -38,19 +38,12 @@ use crate::health::health;
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const TARGET_LABEL: &str = "sluice.dev/target";
 pub const SERVICE_ANNOTATION: &str = "sluice.dev/service";
-pub const PRUNE_ANNOTATION: &str = "sluice.dev/prune";
+pub use sluice_core::plan::{PRUNE_ANNOTATION, PRUNE_PROTECTED};
 pub const FORCE_ANNOTATION: &str = "sluice.dev/force-conflicts";
 
 /// From this many objects of one kind in one namespace, observe LISTs
 /// instead of GETting each.
 const LIST_AT: usize = 3;
-
-/// Kinds whose delete destroys data: pruned only on explicit opt-in.
-const PROTECTED: [&str; 3] = [
-    "Namespace",
-    "apiextensions.k8s.io/CustomResourceDefinition",
-    "PersistentVolumeClaim",
-];
 
 pub struct KubeTarget {
     applier: Applier,
@@ -64,6 +57,8 @@ pub struct KubeTarget {
 pub(crate) struct Applier {
     pub(crate) target: String,
     pub(crate) cluster: Arc<Cluster>,
+    /// Clients that impersonate a service's ServiceAccount, by user.
+    impersonated: Arc<std::sync::Mutex<BTreeMap<String, Arc<Cluster>>>>,
 }
 
 impl Applier {
@@ -94,6 +89,7 @@ impl Applier {
         service: &str,
         body: &Value,
         dry_run: bool,
+        user: Option<&str>,
     ) -> Result<Value, KubeError> {
         let mut body = with_inventory(body, &self.target, service);
         let namespace = self.namespace(kind, id.namespace.as_deref());
@@ -106,9 +102,23 @@ impl Applier {
             }
         }
         let force = body["metadata"]["annotations"][FORCE_ANNOTATION] == "true";
-        self.cluster
+        self.cluster_for(user)?
             .apply(kind, namespace.as_deref(), &id.name, &body, force, dry_run)
             .await
+    }
+
+    /// The client that writes as `user` (sluice itself when None).
+    fn cluster_for(&self, user: Option<&str>) -> Result<Arc<Cluster>, KubeError> {
+        let Some(user) = user else {
+            return Ok(self.cluster.clone());
+        };
+        let mut cache = self.impersonated.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(user) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.cluster.impersonating(user)?);
+        cache.insert(user.to_string(), c.clone());
+        Ok(c)
     }
 }
 
@@ -117,6 +127,7 @@ impl KubeTarget {
         let applier = Applier {
             target: name.to_string(),
             cluster,
+            impersonated: Default::default(),
         };
         KubeTarget {
             traffic: crate::canary::HttpRouteTraffic::new(applier.clone()),
@@ -219,8 +230,14 @@ pub fn sluice_fields(obj: &Value) -> Value {
 }
 
 /// The error for a refused apply, naming fields, managers and the way out.
-pub(crate) fn apply_error(id: &ResourceId, e: KubeError) -> TargetError {
+pub(crate) fn apply_error(id: &ResourceId, kind: &Kind, e: KubeError) -> TargetError {
     match e {
+        // RBAC: name the rule that would allow it (the real server's
+        // message for a create through apply names no verb at all).
+        KubeError::Api { code: 403, message, .. } => TargetError::Apply {
+            id: id.to_string(),
+            reason: format!("{message} {}", rbac_hint(kind, "write")),
+        },
         KubeError::Api {
             code: 409, causes, ..
         } if !causes.is_empty() => TargetError::Apply {
@@ -267,6 +284,15 @@ pub(crate) fn apply_error(id: &ResourceId, e: KubeError) -> TargetError {
     }
 }
 
+/// What to add to sluice's role when the API server refused it `kind`.
+fn rbac_hint(kind: &Kind, what: &str) -> String {
+    let r = &kind.resource;
+    format!(
+        "(sluice's identity may not {what} {}: add to its ClusterRole, manifests/rbac.yaml, the rule {{apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [get, list, create, patch, update, delete]}})",
+        r.kind, r.group, r.plural
+    )
+}
+
 /// `body` marked as sluice's, for `target` and `service`.
 pub(crate) fn with_inventory(body: &Value, target: &str, service: &str) -> Value {
     let mut b = body.clone();
@@ -284,6 +310,7 @@ impl Applier {
         id: &ResourceId,
         service: &str,
         body: &Value,
+        user: Option<&str>,
     ) -> Result<Value, TargetError> {
         let api_version = body["apiVersion"].as_str().unwrap_or_default();
         let kind_name = body["kind"].as_str().unwrap_or_default();
@@ -308,9 +335,9 @@ impl Applier {
                 "the cluster does not serve kind {kind_name} in {api_version} (is its CustomResourceDefinition installed?)"
             ),
         })?;
-        self.apply_as(&kind, id, service, body, false)
+        self.apply_as(&kind, id, service, body, false, user)
             .await
-            .map_err(|e| apply_error(id, e))
+            .map_err(|e| apply_error(id, &kind, e))
     }
 }
 
@@ -331,9 +358,12 @@ impl Target for KubeTarget {
         &self,
         ids: &[ResourceId],
     ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
-        let observe_err = |id: &str, e: KubeError| TargetError::Observe {
+        let observe_err = |id: &str, kind: &Kind, e: KubeError| TargetError::Observe {
             target: self.applier.target.clone(),
-            reason: format!("{id}: {e}"),
+            reason: match e.code() {
+                Some(403) => format!("{id}: {e} {}", rbac_hint(kind, "read")),
+                _ => format!("{id}: {e}"),
+            },
         };
         let mut groups: BTreeMap<(String, Option<String>), Vec<&ResourceId>> = BTreeMap::new();
         for id in ids.iter().filter(|id| id.target == self.applier.target) {
@@ -355,7 +385,7 @@ impl Target for KubeTarget {
                     .cluster
                     .list(&kind, ns.as_deref(), "")
                     .await
-                    .map_err(|e| observe_err(&kind_name, e))?;
+                    .map_err(|e| observe_err(&kind_name, &kind, e))?;
                 for obj in items {
                     if let Some(name) = obj["metadata"]["name"].as_str() {
                         found.insert(name.to_string(), obj);
@@ -368,7 +398,7 @@ impl Target for KubeTarget {
                         .cluster
                         .get(&kind, ns.as_deref(), &id.name)
                         .await
-                        .map_err(|e| observe_err(&id.to_string(), e))?;
+                        .map_err(|e| observe_err(&id.to_string(), &kind, e))?;
                     if let Some(obj) = obj {
                         found.insert(id.name.clone(), obj);
                     }
@@ -416,14 +446,21 @@ impl Target for KubeTarget {
             };
             match self
                 .applier
-                .apply_as(&kind, &r.id, &r.service, &r.body, true)
+                .apply_as(
+                    &kind,
+                    &r.id,
+                    &r.service,
+                    &r.body,
+                    true,
+                    r.impersonate.as_deref(),
+                )
                 .await
             {
                 Ok(_) => {}
                 // The namespace comes with this commit.
                 Err(KubeError::Api { code: 404, .. }) => {}
                 Err(e) => {
-                    return Err(match apply_error(&r.id, e) {
+                    return Err(match apply_error(&r.id, &kind, e) {
                         TargetError::Apply { id, reason } => TargetError::Prepare { id, reason },
                         other => other,
                     })
@@ -435,7 +472,12 @@ impl Target for KubeTarget {
 
     async fn apply(&self, resource: &DesiredResource) -> Result<(), TargetError> {
         self.applier
-            .apply(&resource.id, &resource.service, &resource.body)
+            .apply(
+                &resource.id,
+                &resource.service,
+                &resource.body,
+                resource.impersonate.as_deref(),
+            )
             .await?;
         info!(target = %self.applier.target, resource = %resource.id, "applied");
         Ok(())
@@ -461,7 +503,7 @@ impl Target for KubeTarget {
             return Ok(());
         }
         let prune = live["metadata"]["annotations"][PRUNE_ANNOTATION].as_str();
-        let protected = PROTECTED.contains(&id.kind.as_str());
+        let protected = PRUNE_PROTECTED.contains(&id.kind.as_str());
         if prune == Some("false") || (protected && prune != Some("true")) {
             info!(resource = %id, "not pruned ({PRUNE_ANNOTATION} is not \"true\"); released from the inventory");
             return Ok(());
