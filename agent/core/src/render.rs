@@ -29,7 +29,7 @@ use crate::model::{
     Topology, API_VERSION, TOPOLOGY_FILE,
 };
 use crate::resource::{DesiredResource, DesiredState, ResourceId};
-use crate::source::{normalise, PathError, Snapshot};
+use crate::source::{normalise, FileEntry, PathError, Snapshot};
 use crate::topology::check_name;
 use crate::yaml::{find_line, parse_typed, split_documents, utf8, yaml_error};
 
@@ -265,6 +265,24 @@ fn render_service(
         .collect();
     let strategy = service.rollout.strategy;
     let mut out = Vec::new();
+    // A symbolic link anywhere in the folder to outside the repository,
+    // to a file or a directory, is refused whether or not anything reads
+    // it (as Argo CD does since CVE-2022-24904): kustomize or a later
+    // reader would follow it.
+    for (path, entry) in snapshot.list(&root) {
+        if let FileEntry::Symlink { target } = entry {
+            let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            if normalise(target, dir).is_err() {
+                return Err(RenderError::Path {
+                    file: path.clone(),
+                    source: PathError::SymlinkEscapes {
+                        path: path.clone(),
+                        root: "the repository".into(),
+                    },
+                });
+            }
+        }
+    }
     // Plain files are read where the snapshot holds them, not copied.
     let mut sources: Vec<(String, std::borrow::Cow<str>)> = Vec::new();
     if let Some(k) = kustomization_file(snapshot, &root) {
@@ -1036,7 +1054,10 @@ mod tests {
             ("sluice.yaml", TOPO),
             ("api/p.yaml", &format!("{PROC}  args: {deep}\n")),
         ]);
-        assert!(e.contains("api/p.yaml") && e.contains("recursion"), "{e}");
+        assert!(
+            e.contains("api/p.yaml") && e.contains("nested more than 64 levels"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1073,6 +1094,22 @@ mod tests {
         );
         let e = render(&s).unwrap_err().to_string();
         assert!(e.contains("symbolic link") && !e.contains("root:"), "{e}");
+        // A link out of the repository that nothing reads, to a directory,
+        // deep in the folder: refused all the same.
+        s.files.remove("api/link");
+        s.files.remove("api/f.yaml");
+        assert!(render(&s).is_ok(), "{:?}", render(&s).err());
+        s.files.insert(
+            "api/conf/etc".into(),
+            FileEntry::Symlink {
+                target: "../../../etc".into(),
+            },
+        );
+        let e = render(&s).unwrap_err().to_string();
+        assert!(
+            e.contains("api/conf/etc") && e.contains("symbolic link points outside"),
+            "{e}"
+        );
         let e = err(&[
             ("sluice.yaml", &TOPO.replace("path: api", "path: ../api")),
             ("api/p.yaml", PROC),

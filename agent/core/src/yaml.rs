@@ -21,10 +21,95 @@ pub fn utf8<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, RenderError> {
 
 /// Splits a multi-document YAML file at `---` lines, keeping each
 /// document's line offset so errors point at the right line of the file.
+/// Flow collections (`[`, `{`) and compact sequences (`- - x`) deeper than
+/// this are refused before parsing: a YAML parser spends time quadratic in
+/// the depth before its own recursion limit stops it (50 s for 100,000
+/// brackets), and no manifest needs more than a few dozen levels.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses `text` if it nests deeper than [`MAX_NESTING`], in one linear
+/// pass over its bytes: brackets inside quoted scalars and comments do not
+/// count.
+pub fn check_nesting(file: &str, text: &str) -> Result<(), RenderError> {
+    let too_deep = |line: usize| {
+        RenderError::invalid(
+            file,
+            None,
+            Some(line),
+            format!("nested more than {MAX_NESTING} levels deep; refused before parsing"),
+        )
+    };
+    let bytes = text.as_bytes();
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<u8> = None;
+    let mut comment = false;
+    // The last byte that was not a space: a quote opens a scalar only
+    // after one of these (else it is an apostrophe in a plain scalar).
+    let mut last = b'\n';
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\n' {
+            line += 1;
+            comment = false;
+            last = b'\n';
+            // Compact block sequences: "- - - x" nests once per dash.
+            let mut j = i + 1;
+            while bytes.get(j) == Some(&b' ') {
+                j += 1;
+            }
+            let mut dashes = 0;
+            while bytes.get(j) == Some(&b'-') && bytes.get(j + 1) == Some(&b' ') {
+                dashes += 1;
+                j += 2;
+                while bytes.get(j) == Some(&b' ') {
+                    j += 1;
+                }
+            }
+            if dashes > MAX_NESTING {
+                return Err(too_deep(line));
+            }
+        } else if comment {
+        } else if let Some(q) = quote {
+            if q == b'"' && b == b'\\' {
+                i += 1;
+            } else if b == q {
+                if q == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
+                    i += 1;
+                } else {
+                    quote = None;
+                    last = b;
+                }
+            }
+        } else {
+            match b {
+                b'#' if i == 0 || bytes[i - 1].is_ascii_whitespace() => comment = true,
+                b'"' | b'\'' if matches!(last, b'\n' | b':' | b'-' | b'[' | b'{' | b',') => {
+                    quote = Some(b)
+                }
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(too_deep(line));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            if b != b' ' && b != b'\t' {
+                last = b;
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 pub fn split_documents<'a>(
     file: &str,
     text: &'a str,
 ) -> Result<Vec<(&'a str, usize)>, RenderError> {
+    check_nesting(file, text)?;
     let mut docs = Vec::new();
     let mut start = 0;
     let mut start_line = 0;
@@ -57,6 +142,7 @@ pub fn parse_typed<T: DeserializeOwned>(
     text: &str,
     offset: usize,
 ) -> Result<T, RenderError> {
+    check_nesting(file, text)?;
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -261,6 +347,21 @@ mod tests {
         serde_yaml::from_str::<Json>(text)
             .map(|Json(v)| v)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // 100,000 brackets: refused at once, naming the line.
+        let deep = format!("a:\n  b: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let e = check_nesting("x.yaml", &deep).unwrap_err().to_string();
+        assert!(e.contains("x.yaml:2") && e.contains("64 levels"), "{e}");
+        let dashes = format!("{}x\n", "- ".repeat(1000));
+        assert!(check_nesting("d.yaml", &format!("list:\n{dashes}")).is_err());
+        // Brackets in quotes and comments, apostrophes in plain text, and
+        // ordinary flow collections are fine.
+        let fine = "a: \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"\nb: don't\nd: [x, {y: [1]}]\n# [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\nc: '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[['\n";
+        check_nesting("f.yaml", fine).unwrap();
+        assert!(json(fine).is_ok());
     }
 
     #[test]
