@@ -594,8 +594,7 @@ impl Engine {
                 self.record_good(&mut state, &prepared);
                 state.in_progress = None;
                 state.last_error = None;
-                self.store.save(&state)?;
-                self.store.append(&entry)?;
+                self.store.transition(&mut state, &entry)?;
                 self.keep(&revision.commit).await;
                 info!(commit = %revision.commit, ms = duration.as_millis() as u64, "rollout succeeded");
                 Ok(Reconciled::Applied {
@@ -628,15 +627,17 @@ impl Engine {
                 }
                 if rejected {
                     state.in_progress = None;
-                    self.store.save(&state)?;
-                    self.store.append(&entry)?;
+                    self.store.transition(&mut state, &entry)?;
                     return Ok(Reconciled::Rejected {
                         plan: prepared.plan,
                         error: reason,
                     });
                 }
-                self.store.save(&state)?;
-                self.store.append(&entry)?;
+                // The failure and its record in one transition; the revert
+                // marks itself next. Killed in between, the restart finds a
+                // deploy in progress of a commit recorded as failed and
+                // finishes its revert (see `finish_interrupted`).
+                self.store.transition(&mut state, &entry)?;
                 let reverted_to = if kind == HistoryKind::Deploy {
                     self.revert_targets(&touched, None).await?
                 } else {
@@ -978,30 +979,32 @@ impl Engine {
             }
         }
         state.in_progress = None;
-        self.store.save(&state)?;
-        self.store.append(&HistoryEntry {
-            at: self.clock.now(),
-            kind: HistoryKind::Revert,
-            outcome: if error.is_none() {
-                Outcome::Succeeded
-            } else {
-                Outcome::Failed
+        self.store.transition(
+            &mut state,
+            &HistoryEntry {
+                at: self.clock.now(),
+                kind: HistoryKind::Revert,
+                outcome: if error.is_none() {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::Failed
+                },
+                commit: commit.clone(),
+                commit_time: revision.time,
+                summary: revision.summary.clone(),
+                digest: prepared.plan.digest.clone(),
+                targets: targets.to_vec(),
+                created,
+                updated,
+                deleted,
+                duration_ms: started.elapsed().as_millis() as u64,
+                error: error.clone(),
+                decision: None,
+                retry: false,
+                window_override: false,
+                analysis: Vec::new(),
             },
-            commit: commit.clone(),
-            commit_time: revision.time,
-            summary: revision.summary.clone(),
-            digest: prepared.plan.digest.clone(),
-            targets: targets.to_vec(),
-            created,
-            updated,
-            deleted,
-            duration_ms: started.elapsed().as_millis() as u64,
-            error: error.clone(),
-            decision: None,
-            retry: false,
-            window_override: false,
-            analysis: Vec::new(),
-        })?;
+        )?;
         match result {
             Ok(()) => {
                 info!(commit = %commit, ms = started.elapsed().as_millis() as u64, "revert done");
@@ -1048,11 +1051,27 @@ impl Engine {
     /// After a crash: an interrupted revert is finished; an interrupted
     /// rollout is left to the next apply, which re-runs it idempotently.
     pub async fn finish_interrupted(&self) -> Result<(), EngineError> {
+        if self.store.recover()? {
+            warn!("a transition was cut short by a restart; its history entry is recorded now");
+        }
         let state = self.store.load()?;
         if let Some(p) = state.in_progress {
+            // A deploy recorded as failed whose revert never marked itself
+            // started: killed between the two; the revert is what comes next.
+            let failed = p.kind == HistoryKind::Deploy
+                && p.targets.iter().any(|t| {
+                    state
+                        .targets
+                        .get(t)
+                        .and_then(|r| r.failed.as_ref())
+                        .is_some_and(|f| f.commit == p.commit)
+                });
             if p.kind == HistoryKind::Revert {
                 warn!(commit = %p.commit, "finishing a revert interrupted by a restart");
                 self.revert_targets(&p.targets, Some(&p.commit)).await?;
+            } else if failed {
+                warn!(commit = %p.commit, "a failed rollout's revert was interrupted before it started; reverting now");
+                self.revert_targets(&p.targets, None).await?;
             } else {
                 warn!(commit = %p.commit, wave = p.wave, "a rollout was interrupted; re-running it");
             }
@@ -1673,6 +1692,22 @@ mod tests {
         (engine, source, target, dir)
     }
 
+    /// What a kill leaves in the state: a rollout of `commit` in progress.
+    fn interrupted(kind: HistoryKind, commit: &CommitId, wave: usize, step: &str) -> InProgress {
+        InProgress {
+            kind,
+            commit: commit.clone(),
+            targets: vec!["local".into()],
+            wave,
+            waves: 3,
+            step: step.into(),
+            started: Utc::now(),
+            step_started: Utc::now(),
+            traffic: None,
+            analysis: Vec::new(),
+        }
+    }
+
     fn repo(versions: [(&str, bool); 3]) -> Vec<(String, String)> {
         let mut files = vec![("sluice.yaml".to_string(), TOPO.to_string())];
         for (name, (v, bad)) in ["a", "b", "c"].iter().zip(versions) {
@@ -1806,20 +1841,7 @@ mod tests {
         commit(&source, &repo([("2", false), ("2", false), ("2", false)]));
         engine.reconcile(ApplyOptions::default()).await.unwrap();
         engine
-            .mark(|s| {
-                s.in_progress = Some(InProgress {
-                    kind: HistoryKind::Revert,
-                    commit: good.clone(),
-                    targets: vec!["local".into()],
-                    wave: 1,
-                    waves: 3,
-                    step: "revert".into(),
-                    started: Utc::now(),
-                    step_started: Utc::now(),
-                    traffic: None,
-                    analysis: Vec::new(),
-                })
-            })
+            .mark(|s| s.in_progress = Some(interrupted(HistoryKind::Revert, &good, 1, "revert")))
             .unwrap();
         engine.finish_interrupted().await.unwrap();
         let live = target.live.lock().unwrap();
@@ -1828,6 +1850,68 @@ mod tests {
             "{live:?}"
         );
         assert!(engine.store.load().unwrap().in_progress.is_none());
+    }
+
+    #[tokio::test]
+    async fn killed_between_recording_a_failure_and_starting_its_revert_the_revert_runs_on_restart()
+    {
+        let (engine, source, target, _dir) = setup();
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let bad = commit(&source, &repo([("2", false), ("2", true), ("2", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let before = engine.store.history().unwrap().len();
+        // As the kill left it: the failure recorded, the deploy still in
+        // progress, live half on the failed commit.
+        engine
+            .mark(|s| s.in_progress = Some(interrupted(HistoryKind::Deploy, &bad, 1, "gate")))
+            .unwrap();
+        for (id, body) in target.live.lock().unwrap().iter_mut() {
+            if id.name != "c" {
+                body["spec"]["version"] = "2".into();
+            }
+        }
+        engine.finish_interrupted().await.unwrap();
+        let live = target.live.lock().unwrap().clone();
+        assert!(
+            live.values().all(|b| b["spec"]["version"] == "1"),
+            "{live:?}"
+        );
+        assert!(engine.store.load().unwrap().in_progress.is_none());
+        let history = engine.store.history().unwrap();
+        assert_eq!(history.len(), before + 1);
+        assert_eq!(history.last().map(|h| h.kind), Some(HistoryKind::Revert));
+        // And the next reconcile settles: the failed commit is skipped.
+        let r = engine.reconcile(ApplyOptions::default()).await.unwrap();
+        assert!(matches!(r, Reconciled::SkippedFailed { .. }), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_history_entry_written_ahead_is_recorded_once_after_a_crash() {
+        let (engine, source, _target, _dir) = setup();
+        commit(&source, &repo([("1", false), ("1", false), ("1", false)]));
+        engine.reconcile(ApplyOptions::default()).await.unwrap();
+        let history = engine.store.history().unwrap();
+        let entry = history.last().unwrap().clone();
+        // Killed after the state write, before the append: the entry is
+        // in the state only.
+        let mut state = engine.store.load().unwrap();
+        let mut lost = entry.clone();
+        lost.commit_time += 1;
+        state.pending_history = Some(lost.clone());
+        engine.store.save(&state).unwrap();
+        assert!(engine.store.recover().unwrap());
+        assert!(!engine.store.recover().unwrap());
+        let after = engine.store.history().unwrap();
+        assert_eq!(after.len(), history.len() + 1);
+        assert_eq!(after.last(), Some(&lost));
+        // Killed after the append, before the state was cleared: not twice.
+        let mut state = engine.store.load().unwrap();
+        state.pending_history = Some(lost.clone());
+        engine.store.save(&state).unwrap();
+        engine.store.recover().unwrap();
+        assert_eq!(engine.store.history().unwrap().len(), after.len());
+        assert!(engine.store.load().unwrap().pending_history.is_none());
     }
 
     #[tokio::test]
@@ -1849,20 +1933,7 @@ mod tests {
             target.apply(r).await.unwrap();
         }
         engine
-            .mark(|s| {
-                s.in_progress = Some(InProgress {
-                    kind: HistoryKind::Deploy,
-                    commit: bad.clone(),
-                    targets: vec!["local".into()],
-                    wave: 1,
-                    waves: 3,
-                    step: "gate".into(),
-                    started: Utc::now(),
-                    step_started: Utc::now(),
-                    traffic: None,
-                    analysis: Vec::new(),
-                })
-            })
+            .mark(|s| s.in_progress = Some(interrupted(HistoryKind::Deploy, &bad, 1, "gate")))
             .unwrap();
         target.log.lock().unwrap().clear();
         let r = engine.reconcile(ApplyOptions::default()).await.unwrap();

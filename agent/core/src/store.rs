@@ -9,6 +9,27 @@
 //!   by a crash mid-write is skipped on read, earlier entries are intact.
 //! - One process at a time applies: [`FileStore::lock`] takes an exclusive
 //!   OS file lock that the kernel releases if the holder dies.
+//! - A transition's state and its history entry are never seen apart:
+//!   [`StateStore::transition`] writes the entry ahead inside the state
+//!   (`pendingHistory`), appends it, then clears it; on restart
+//!   [`StateStore::recover`] appends a pending entry the history lacks
+//!   (and never twice).
+//!
+//! # Transitions and how a restart finishes each
+//! - rollout starts: `inProgress` (deploy) is written before any change; a
+//!   restart re-runs the same commit, gating first what it had applied.
+//! - rollout succeeds: applied and last good commit, `inProgress` cleared,
+//!   the deploy entry: one transition.
+//! - rollout fails: the failed commit, its error and the deploy entry in
+//!   one transition, `inProgress` still the deploy; the revert then marks
+//!   itself. A restart that finds a deploy in progress of a commit recorded
+//!   as failed runs that revert.
+//! - commit rejected before any write (prepare, dry run): the failed
+//!   commit and its entry, `inProgress` cleared: one transition.
+//! - revert starts: `inProgress` (revert) with the commit reverted to; a
+//!   restart finishes it.
+//! - revert ends: applied commit, `inProgress` cleared, the revert entry:
+//!   one transition.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -176,6 +197,10 @@ pub struct AgentState {
     /// A commit waiting for a sync window to open.
     #[serde(default)]
     pub waiting: Option<Waiting>,
+    /// The history entry of the transition this state ends, until it is
+    /// in the history (see [`StateStore::transition`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_history: Option<HistoryEntry>,
 }
 
 /// Why a commit is not rolling out yet, and until when.
@@ -282,6 +307,33 @@ pub trait StateStore: Send + Sync {
     fn save(&self, state: &AgentState) -> Result<(), StoreError>;
     fn append(&self, entry: &HistoryEntry) -> Result<(), StoreError>;
     fn history(&self) -> Result<Vec<HistoryEntry>, StoreError>;
+
+    /// One transition: `state` and the history `entry` that records it,
+    /// never seen apart. The entry is written ahead inside the state; a
+    /// crash before it reaches the history leaves it there, and
+    /// [`StateStore::recover`] appends it.
+    fn transition(&self, state: &mut AgentState, entry: &HistoryEntry) -> Result<(), StoreError> {
+        state.pending_history = Some(entry.clone());
+        self.save(state)?;
+        self.append(entry)?;
+        state.pending_history = None;
+        self.save(state)
+    }
+
+    /// Finishes a transition a crash cut short: its entry goes into the
+    /// history unless it already did. True if there was one.
+    fn recover(&self) -> Result<bool, StoreError> {
+        let mut state = self.load()?;
+        let Some(entry) = state.pending_history.take() else {
+            return Ok(false);
+        };
+        let history = self.history()?;
+        if !history.iter().rev().take(16).any(|h| h == &entry) {
+            self.append(&entry)?;
+        }
+        self.save(&state)?;
+        Ok(true)
+    }
 }
 
 /// Files under the agent's state dir.
@@ -345,6 +397,30 @@ impl FileStore {
     }
 }
 
+/// For the crash-point tests: with `SLUICE_CRASH_AFTER_WRITE=N` the
+/// process aborts (as kill -9 would stop it: no unwinding, no cleanup,
+/// children left running) right after the Nth write of the store, state or
+/// history; the writes are counted on stderr as `store write N`. Unset, a
+/// single relaxed load per write.
+fn crash_point() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let Some(at) = *AT.get_or_init(|| {
+        std::env::var("SLUICE_CRASH_AFTER_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) else {
+        return;
+    };
+    let n = WRITES.fetch_add(1, Ordering::SeqCst) + 1;
+    eprintln!("store write {n}");
+    if n == at {
+        std::process::abort();
+    }
+}
+
 impl StateStore for FileStore {
     fn load(&self) -> Result<AgentState, StoreError> {
         let path = self.dir.join("state.json");
@@ -363,7 +439,9 @@ impl StateStore for FileStore {
             path: "state.json".into(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.dir.join("state.json"), &bytes)
+        write_atomic(&self.dir.join("state.json"), &bytes)?;
+        crash_point();
+        Ok(())
     }
 
     fn append(&self, entry: &HistoryEntry) -> Result<(), StoreError> {
@@ -384,7 +462,9 @@ impl StateStore for FileStore {
             f.write_all(b"\n").map_err(|source| io(&path, source))?;
         }
         f.write_all(&line).map_err(|source| io(&path, source))?;
-        f.sync_all().map_err(|source| io(&path, source))
+        f.sync_all().map_err(|source| io(&path, source))?;
+        crash_point();
+        Ok(())
     }
 
     fn history(&self) -> Result<Vec<HistoryEntry>, StoreError> {
