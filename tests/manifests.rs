@@ -114,3 +114,36 @@ fn the_kubernetes_example_kustomize_folder_renders() {
     );
     assert!(docs.iter().any(|d| d["kind"] == "Deployment"));
 }
+
+/// The VM unit, checked by Debian's systemd (the real `systemd-analyze`):
+/// it verifies (with ExecStart pointed at the built binary), and its
+/// offline security exposure is at most 4.0 (systemd counts tenths).
+#[test]
+fn the_vm_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(root().join("manifests/vm/sluice.service")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/sluice", env!("CARGO_BIN_EXE_sluice")),
+    )
+    .unwrap();
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (tests/run installs systemd)");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let security = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=40", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&security.stdout);
+    assert!(security.status.success(), "{report}");
+    assert!(report.contains("Overall exposure level"), "{report}");
+}

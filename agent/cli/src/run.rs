@@ -64,8 +64,12 @@ pub struct Metrics {
 
 struct Shared {
     engine: Arc<Engine>,
-    /// The branch webhooks must name to wake the loop (None: any push).
+    /// The branch webhooks must name to wake the loop (None: the branch
+    /// the source follows, the remote's default).
     branch: Option<String>,
+    /// The repository webhooks must name (`--repo`; a local path made
+    /// absolute).
+    repo: String,
     /// Shared secrets of the webhook providers; a provider without one is
     /// refused.
     github_secret: Option<Vec<u8>>,
@@ -257,6 +261,9 @@ pub async fn agent(
     let shared = Arc::new(Shared {
         engine,
         branch: common.branch.clone(),
+        repo: std::fs::canonicalize(&common.repo)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| common.repo.clone()),
         github_secret,
         gitlab_token,
         forge: common.forge.connect()?.map(Arc::new),
@@ -552,18 +559,35 @@ fn refuse(provider: &str, why: webhook::Refused, bytes: usize) -> Response {
 
 fn on_event(s: &Shared, provider: &'static str, event: webhook::Event) -> Response {
     match event {
-        webhook::Event::Push { branch } => {
-            let watched = match (&s.branch, &branch) {
-                (Some(w), Some(b)) => w == b,
-                (Some(_), None) => false,
-                (None, _) => true,
+        webhook::Event::Push {
+            reference,
+            repositories,
+        } => {
+            // As Argo CD does: only a push to the watched repository and
+            // branch (the remote's default branch when none was given);
+            // anything else is acknowledged and ignored, saying why.
+            let ignored = |why: &str| {
+                info!(provider, why, "push webhook ignored");
+                (StatusCode::ACCEPTED, format!("ignored: {why}\n")).into_response()
             };
-            if watched {
-                info!(provider, branch = ?branch, "push webhook: reconciling now");
-                s.wake.notify_one();
-                (StatusCode::ACCEPTED, "reconcile requested\n").into_response()
-            } else {
-                (StatusCode::ACCEPTED, "push to another branch; ignored\n").into_response()
+            if !webhook::names_repository(&repositories, &s.repo) {
+                return ignored("a push to another repository");
+            }
+            let watched = s
+                .branch
+                .clone()
+                .or_else(|| s.engine.source.watched_branch());
+            match (reference, watched) {
+                (Some(webhook::Ref::Branch(b)), Some(w)) if b != w => {
+                    ignored("a push to another branch")
+                }
+                (Some(webhook::Ref::Branch(b)), _) => {
+                    info!(provider, branch = %b, "push webhook: reconciling now");
+                    s.wake.notify_one();
+                    (StatusCode::ACCEPTED, "reconcile requested\n").into_response()
+                }
+                (Some(webhook::Ref::Tag(_)), _) => ignored("a tag push (sluice watches a branch)"),
+                _ => ignored("the push names no branch"),
             }
         }
         webhook::Event::PullRequest { number, base, head } => match &s.forge {

@@ -33,13 +33,20 @@ pub enum Refused {
     MissingSignature,
     #[error("bad signature")]
     BadSignature,
+    /// GitLab sends a shared token, not a signature.
+    #[error("bad token")]
+    BadToken,
 }
 
 /// What a verified delivery asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A push to `branch` (None when the ref is not a branch).
-    Push { branch: Option<String> },
+    /// A push of `reference` to the repositories the payload names (its
+    /// clone, SSH and web URLs).
+    Push {
+        reference: Option<Ref>,
+        repositories: Vec<String>,
+    },
     /// A pull/merge request opened or updated: its number, base branch and
     /// the ref its head can be fetched from.
     PullRequest {
@@ -81,14 +88,65 @@ pub fn verify_gitlab(token: Option<&[u8]>, header: Option<&str>) -> Result<(), R
     if bool::from(header.as_bytes().ct_eq(token)) {
         Ok(())
     } else {
-        Err(Refused::BadSignature)
+        Err(Refused::BadToken)
     }
+}
+
+/// What a push updated.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ref {
+    Branch(String),
+    Tag(String),
+    Other(String),
 }
 
 #[derive(Deserialize)]
 struct PushBody {
     #[serde(rename = "ref")]
     reference: Option<String>,
+    /// GitHub's `repository`; GitLab sends both `repository` and `project`.
+    repository: Option<RepoUrls>,
+    project: Option<RepoUrls>,
+}
+
+/// Every address a provider gives a repository under.
+#[derive(Deserialize)]
+struct RepoUrls {
+    clone_url: Option<String>,
+    ssh_url: Option<String>,
+    html_url: Option<String>,
+    git_url: Option<String>,
+    git_http_url: Option<String>,
+    git_ssh_url: Option<String>,
+    web_url: Option<String>,
+    url: Option<String>,
+    homepage: Option<String>,
+}
+
+/// `https://GitHub.com/Acme/Shop.git`, `git@github.com:acme/shop.git` and
+/// `ssh://git@github.com/acme/shop` as one key: host and path, lowercase,
+/// without scheme, user, port of ssh, `.git` or trailing slash. A local
+/// path stays a path.
+pub fn repository_key(url: &str) -> String {
+    let u = url.trim().trim_end_matches('/');
+    let u = u.strip_suffix(".git").unwrap_or(u);
+    let rest = match u.split_once("://") {
+        Some(("file", rest)) => return rest.to_string(),
+        Some((_, rest)) => rest.to_string(),
+        // scp form: [user@]host:path
+        None if !u.starts_with('/') && u.contains(':') => u.replacen(':', "/", 1),
+        None => return u.to_string(),
+    };
+    let rest = rest.rsplit_once('@').map_or(rest.as_str(), |(_, r)| r);
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.split(':').next().unwrap_or(host);
+    format!("{}/{}", host, path).to_lowercase()
+}
+
+/// Whether the payload's addresses include `watched` (`--repo`).
+pub fn names_repository(repositories: &[String], watched: &str) -> bool {
+    let want = repository_key(watched);
+    repositories.iter().any(|r| repository_key(r) == want)
 }
 
 #[derive(Deserialize)]
@@ -133,11 +191,43 @@ pub fn parse(provider: Provider, event: &str, body: &[u8]) -> Event {
         (Provider::GitHub, "pull_request") | (Provider::GitLab, "Merge Request Hook")
     );
     if push {
-        let branch = serde_json::from_slice::<PushBody>(body)
-            .ok()
-            .and_then(|b| b.reference)
-            .and_then(|r| r.strip_prefix("refs/heads/").map(str::to_string));
-        return Event::Push { branch };
+        let Ok(b) = serde_json::from_slice::<PushBody>(body) else {
+            return Event::Push {
+                reference: None,
+                repositories: Vec::new(),
+            };
+        };
+        let reference = b.reference.map(|r| {
+            if let Some(branch) = r.strip_prefix("refs/heads/") {
+                Ref::Branch(branch.to_string())
+            } else if let Some(tag) = r.strip_prefix("refs/tags/") {
+                Ref::Tag(tag.to_string())
+            } else {
+                Ref::Other(r.chars().take(200).collect())
+            }
+        });
+        let repositories = [b.repository, b.project]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| {
+                [
+                    r.clone_url,
+                    r.ssh_url,
+                    r.html_url,
+                    r.git_url,
+                    r.git_http_url,
+                    r.git_ssh_url,
+                    r.web_url,
+                    r.url,
+                    r.homepage,
+                ]
+            })
+            .flatten()
+            .collect();
+        return Event::Push {
+            reference,
+            repositories,
+        };
     }
     if pr {
         let parsed = match provider {
@@ -220,8 +310,9 @@ mod tests {
         assert_eq!(verify_gitlab(Some(b"tok"), Some("tok")), Ok(()));
         assert_eq!(
             verify_gitlab(Some(b"tok"), Some("tok2")),
-            Err(Refused::BadSignature)
+            Err(Refused::BadToken)
         );
+        assert_eq!(Refused::BadToken.to_string(), "bad token");
         assert_eq!(
             verify_gitlab(Some(b"tok"), None),
             Err(Refused::MissingSignature)
@@ -233,24 +324,91 @@ mod tests {
     }
 
     #[test]
+    fn pushes_name_their_repository_as_github_and_gitlab_send_it() {
+        // Shaped like octokit/webhooks' push example and go-gitlab's
+        // push event test data.
+        let github = br#"{"ref":"refs/heads/main","repository":{"full_name":"Codertocat/Hello-World","html_url":"https://github.com/Codertocat/Hello-World","url":"https://github.com/Codertocat/Hello-World","git_url":"git://github.com/Codertocat/Hello-World.git","ssh_url":"git@github.com:Codertocat/Hello-World.git","clone_url":"https://github.com/Codertocat/Hello-World.git"}}"#;
+        let Event::Push {
+            reference,
+            repositories,
+        } = parse(Provider::GitHub, "push", github)
+        else {
+            panic!("a push")
+        };
+        assert_eq!(reference, Some(Ref::Branch("main".into())));
+        for watched in [
+            "https://github.com/codertocat/hello-world.git",
+            "https://github.com/Codertocat/Hello-World",
+            "git@github.com:Codertocat/Hello-World.git",
+            "ssh://git@github.com/Codertocat/Hello-World.git",
+            "ssh://git@github.com:22/Codertocat/Hello-World",
+        ] {
+            assert!(names_repository(&repositories, watched), "{watched}");
+        }
+        assert!(!names_repository(
+            &repositories,
+            "https://github.com/Codertocat/Other.git"
+        ));
+        assert!(!names_repository(
+            &repositories,
+            "https://gitlab.com/Codertocat/Hello-World.git"
+        ));
+        let gitlab = br#"{"object_kind":"push","ref":"refs/heads/master","project":{"path_with_namespace":"mike/diaspora","web_url":"http://example.com/mike/diaspora","git_ssh_url":"git@example.com:mike/diaspora.git","git_http_url":"http://example.com/mike/diaspora.git"},"repository":{"name":"Diaspora","url":"git@example.com:mike/diaspora.git","homepage":"http://example.com/mike/diaspora"}}"#;
+        let Event::Push { repositories, .. } = parse(Provider::GitLab, "Push Hook", gitlab) else {
+            panic!("a push")
+        };
+        assert!(names_repository(
+            &repositories,
+            "https://example.com/mike/diaspora.git"
+        ));
+        assert!(names_repository(
+            &repositories,
+            "git@example.com:mike/diaspora.git"
+        ));
+        assert!(!names_repository(
+            &repositories,
+            "git@example.com:mike/other.git"
+        ));
+        // A payload naming no repository names none.
+        assert!(!names_repository(
+            &[],
+            "https://example.com/mike/diaspora.git"
+        ));
+        assert_eq!(
+            repository_key("file:///srv/repo"),
+            repository_key("/srv/repo")
+        );
+    }
+
+    #[test]
     fn events_parse_without_panicking_on_odd_bodies() {
         assert_eq!(
             parse(Provider::GitHub, "push", br#"{"ref":"refs/heads/main"}"#),
             Event::Push {
-                branch: Some("main".into())
+                reference: Some(Ref::Branch("main".into())),
+                repositories: Vec::new()
             }
         );
         assert_eq!(
             parse(Provider::GitHub, "push", br#"{"ref":"refs/tags/v1"}"#),
-            Event::Push { branch: None }
+            Event::Push {
+                reference: Some(Ref::Tag("v1".into())),
+                repositories: Vec::new()
+            }
         );
         assert_eq!(
             parse(Provider::GitHub, "push", br#"{"ref":42}"#),
-            Event::Push { branch: None }
+            Event::Push {
+                reference: None,
+                repositories: Vec::new()
+            }
         );
         assert_eq!(
             parse(Provider::GitHub, "push", b"not json"),
-            Event::Push { branch: None }
+            Event::Push {
+                reference: None,
+                repositories: Vec::new()
+            }
         );
         assert_eq!(
             parse(
@@ -295,7 +453,8 @@ mod tests {
                 br#"{"ref":"refs/heads/dev"}"#
             ),
             Event::Push {
-                branch: Some("dev".into())
+                reference: Some(Ref::Branch("dev".into())),
+                repositories: Vec::new()
             }
         );
         assert_eq!(
