@@ -133,10 +133,12 @@ fn the_vm_unit_verifies_and_is_hardened() {
         .arg(&path)
         .output()
         .expect("systemd-analyze (tests/run installs systemd)");
+    // Nothing said about this unit (the machine's other units may get
+    // warnings of their own).
+    let said = String::from_utf8_lossy(&verify.stderr);
     assert!(
-        verify.status.success() && verify.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
+        verify.status.success() && !said.contains("sluice.service"),
+        "{said}"
     );
     let security = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--threshold=40", "--no-pager"])
