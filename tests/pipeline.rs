@@ -379,3 +379,75 @@ fn a_deny_window_holds_the_rollout_and_an_override_is_recorded() {
     assert_eq!(v["history"][0]["windowOverride"], true, "{v}");
     assert!(v["waiting"].is_null());
 }
+
+/// `sluice down` takes everything sluice created off the host: without
+/// --yes it only says what it would remove; with it, services, supervisors
+/// and the router are gone, the route ports refuse connections, the
+/// history says so, and `sluice revert` brings the last good commit back.
+#[test]
+fn down_removes_everything_sluice_created_and_revert_brings_it_back() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let ours = || {
+        common::procs()
+            .into_iter()
+            .filter(|p| {
+                p.args
+                    .iter()
+                    .any(|a| a.starts_with(&shop.tmp.path().display().to_string()))
+                    || p.cwd.starts_with(shop.tmp.path())
+            })
+            .count()
+    };
+    assert!(
+        ours() >= 7,
+        "three services, their supervisors and the router"
+    );
+    let dry = shop.sluice(&["down"]);
+    assert_eq!(dry.code, 0, "{}", dry.all());
+    assert!(
+        dry.stdout.contains("Would remove 6 resource(s)"),
+        "{}",
+        dry.all()
+    );
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+    // Reverse wave order: web's resources first, catalog's last.
+    let web = dry
+        .stdout
+        .find("Wave 1")
+        .and_then(|w| dry.stdout[w..].find("web"));
+    assert!(web.is_some(), "{}", dry.stdout);
+    let out = shop.sluice(&["down", "--yes"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stdout.contains("Took down 6 resource(s)."),
+        "{}",
+        out.all()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ours() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ours(), 0, "processes of sluice's left running");
+    for s in common::SERVICES {
+        assert!(shop.get(s, "/").is_err(), "{s} still answers");
+    }
+    let status = shop.sluice(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let last = v["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["kind"].as_str(), last["outcome"].as_str()),
+        (Some("down"), Some("succeeded"))
+    );
+    // Again: nothing left to take down.
+    let again = shop.sluice(&["down", "--yes"]);
+    assert!(
+        again.stdout.contains("Nothing of sluice's"),
+        "{}",
+        again.all()
+    );
+    // The last good commit is still known: revert brings the shop back.
+    let back = shop.sluice(&["revert"]);
+    assert_eq!(back.code, 0, "{}", back.all());
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+}

@@ -280,6 +280,20 @@ enum Command {
         #[arg(long)]
         exit_code: bool,
     },
+    /// Take down everything sluice created on the targets (processes,
+    /// files, routes, the router; Kubernetes objects), in reverse wave
+    /// order, recorded in the history. Without --yes, only says what it
+    /// would remove.
+    Down {
+        #[command(flatten)]
+        common: Common,
+        /// Only these targets (repeatable; default: every target).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Really remove it.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Put the targets back to the last good commit, or to --to.
     Revert {
         #[command(flatten)]
@@ -435,6 +449,11 @@ fn main() -> ExitCode {
         }),
         Command::Status { common } => runtime(|| status(common)),
         Command::Revert { common, to } => runtime(|| revert(common, to)),
+        Command::Down {
+            common,
+            targets,
+            yes,
+        } => runtime(|| down(common, targets, yes)),
         Command::Report {
             common,
             pr,
@@ -675,6 +694,19 @@ async fn revert(common: Common, to: Option<String>) -> anyhow::Result<ExitCode> 
             Err(setup::ConfigError("no last good commit recorded; use --to <commit>".into()).into())
         }
     }
+}
+
+async fn down(common: Common, targets: Vec<String>, yes: bool) -> anyhow::Result<ExitCode> {
+    let engine = setup::engine(&common)?;
+    let store = setup::store(&common)?;
+    let _lock = store.lock().map_err(EngineError::from)?;
+    let (plan, errors) = engine.down(&targets, !yes).await?;
+    output::down(common.output, &plan, &errors, yes);
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn drift(common: Common, heal: bool, exit_code: bool) -> anyhow::Result<ExitCode> {

@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde_json::json;
 use sluice_core::engine::{Reconciled, Status};
 use sluice_core::guard::{self, Level};
-use sluice_core::plan::{to_text, Plan};
+use sluice_core::plan::{to_text, Action, Plan};
 use sluice_core::store::{HistoryEntry, HistoryKind, Outcome};
 
 use crate::Format;
@@ -240,6 +240,40 @@ pub fn reconciled(format: Format, r: &Reconciled) {
                 Some(c) => println!("Reverted to the last good commit {}.", c.short()),
                 None => println!("No last good commit to revert to; live state left as the failed rollout left it."),
             }
+        }
+    }
+}
+
+/// What `sluice down` removed (or, without --yes, would remove).
+pub fn down(format: Format, plan: &Plan, errors: &[String], done: bool) {
+    if format == Format::Json {
+        return print_json(&json!({"done": done, "plan": plan, "errors": errors}));
+    }
+    if plan.is_empty() {
+        println!("Nothing of sluice's is on these targets.");
+        return;
+    }
+    print!("{}", to_text(plan));
+    let n = plan.count(Action::Delete);
+    let kept = plan.count(Action::Release);
+    let released = if kept > 0 {
+        format!(" ({kept} released, left in place)")
+    } else {
+        String::new()
+    };
+    if !done {
+        println!(
+            "\nWould remove {n} resource(s){released}. Run again with --yes to take them down."
+        );
+    } else if errors.is_empty() {
+        println!("\nTook down {n} resource(s){released}.");
+    } else {
+        println!(
+            "\nTook down {} of {n} resource(s){released}; not removed:",
+            n - errors.len().min(n)
+        );
+        for e in errors {
+            println!("  {e}");
         }
     }
 }
@@ -493,6 +527,7 @@ fn kind(k: HistoryKind) -> &'static str {
         HistoryKind::Deploy => "deploy",
         HistoryKind::Revert => "revert",
         HistoryKind::Heal => "heal",
+        HistoryKind::Down => "down",
     }
 }
 

@@ -979,32 +979,17 @@ impl Engine {
             }
         }
         state.in_progress = None;
-        self.store.transition(
-            &mut state,
-            &HistoryEntry {
-                at: self.clock.now(),
-                kind: HistoryKind::Revert,
-                outcome: if error.is_none() {
-                    Outcome::Succeeded
-                } else {
-                    Outcome::Failed
-                },
-                commit: commit.clone(),
-                commit_time: revision.time,
-                summary: revision.summary.clone(),
-                digest: prepared.plan.digest.clone(),
-                targets: targets.to_vec(),
-                created,
-                updated,
-                deleted,
-                duration_ms: started.elapsed().as_millis() as u64,
-                error: error.clone(),
-                decision: None,
-                retry: false,
-                window_override: false,
-                analysis: Vec::new(),
-            },
-        )?;
+        let mut entry = HistoryEntry::of(
+            HistoryKind::Revert,
+            self.clock.now(),
+            (&commit, revision.time, &revision.summary),
+            targets.to_vec(),
+            error.clone(),
+        );
+        entry.digest = prepared.plan.digest.clone();
+        (entry.created, entry.updated, entry.deleted) = (created, updated, deleted);
+        entry.duration_ms = started.elapsed().as_millis() as u64;
+        self.store.transition(&mut state, &entry)?;
         match result {
             Ok(()) => {
                 info!(commit = %commit, ms = started.elapsed().as_millis() as u64, "revert done");
@@ -1046,6 +1031,109 @@ impl Engine {
             }
         })?;
         self.revert_targets(&targets, to).await
+    }
+
+    /// Takes down everything sluice created on `targets` (every target with
+    /// a record when empty): the inventory's resources are deleted in
+    /// reverse wave order (the last wave's services first, routes before
+    /// processes), as `argocd app delete --cascade` does. Kinds that are
+    /// only pruned on opt-in are released, not deleted. With `dry_run`,
+    /// only the plan. Recorded in the history as a `down`; the last good
+    /// commit stays, so `sluice revert` brings it back.
+    pub async fn down(
+        &self,
+        targets: &[String],
+        dry_run: bool,
+    ) -> Result<(Plan, Vec<String>), EngineError> {
+        let state = self.store.load()?;
+        let names: BTreeSet<String> = if targets.is_empty() {
+            state.targets.keys().cloned().collect()
+        } else {
+            targets.iter().cloned().collect()
+        };
+        // The topology of what was applied orders the waves; with nothing
+        // applied there is nothing to take down.
+        let applied = names
+            .iter()
+            .filter_map(|n| state.targets.get(n)?.applied.as_ref())
+            .map(|d| d.commit.clone())
+            .next();
+        let Some(commit) = applied else {
+            let revision = state.source.last_seen.clone().unwrap_or(Revision {
+                commit: CommitId::parse(&"0".repeat(40)).expect("40 hex digits"),
+                time: 0,
+                summary: String::new(),
+            });
+            return Ok((
+                Plan {
+                    revision,
+                    digest: String::new(),
+                    waves: Vec::new(),
+                    unchanged: Vec::new(),
+                    strategies: BTreeMap::new(),
+                },
+                Vec::new(),
+            ));
+        };
+        let snapshot = self.source.snapshot(&commit, &self.limits).await?;
+        let mut rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
+            EngineError::Render {
+                commit: commit.to_string(),
+                source,
+            }
+        })?;
+        rendered.desired.resources.clear();
+        let prepared = self
+            .prepare_rendered(rendered, &state, Some(&names), None)
+            .await?;
+        let mut plan = prepared.plan.clone();
+        plan.waves.reverse();
+        for (i, w) in plan.waves.iter_mut().enumerate() {
+            w.index = i;
+        }
+        if dry_run {
+            return Ok((plan, Vec::new()));
+        }
+        let started = Instant::now();
+        let mut errors = Vec::new();
+        for change in plan.changes() {
+            let Some(target) = prepared.targets.get(&change.id.target) else {
+                continue;
+            };
+            let result = target.delete(&change.id).await;
+            if let Err(e) = &result {
+                warn!(resource = %change.id, error = %e, "not taken down");
+                errors.push(format!("{}: {e}", change.id));
+            }
+            self.record_inventory(
+                &prepared,
+                change.action,
+                &change.id,
+                &change.service,
+                result.is_ok(),
+            )?;
+        }
+        let mut state = self.store.load()?;
+        for name in &names {
+            if let Some(rec) = state.targets.get_mut(name) {
+                if errors.is_empty() {
+                    rec.applied = None;
+                }
+                rec.last_error = (!errors.is_empty()).then(|| errors.join("; "));
+            }
+        }
+        let mut entry = HistoryEntry::of(
+            HistoryKind::Down,
+            self.clock.now(),
+            (&commit, snapshot.revision.time, &snapshot.revision.summary),
+            names.iter().cloned().collect(),
+            (!errors.is_empty()).then(|| errors.join("; ")),
+        );
+        entry.deleted = plan.count(Action::Delete);
+        entry.duration_ms = started.elapsed().as_millis() as u64;
+        self.store.transition(&mut state, &entry)?;
+        info!(targets = ?names, deleted = entry.deleted, failed = errors.len(), "taken down");
+        Ok((plan, errors))
     }
 
     /// After a crash: an interrupted revert is finished; an interrupted
@@ -1194,29 +1282,17 @@ impl Engine {
                             Some(reason.clone());
                     })?;
                 }
-                self.store.append(&HistoryEntry {
-                    at: self.clock.now(),
-                    kind: HistoryKind::Heal,
-                    outcome: if errors.is_empty() {
-                        Outcome::Succeeded
-                    } else {
-                        Outcome::Failed
-                    },
-                    commit: applied.commit.clone(),
-                    commit_time: applied.commit_time,
-                    summary: applied.summary.clone(),
-                    digest: applied.digest.clone(),
-                    targets: vec![name.clone()],
-                    created: 0,
-                    updated: healed.len(),
-                    deleted: 0,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                    error: (!errors.is_empty()).then(|| errors.join("; ")),
-                    decision: None,
-                    retry: false,
-                    window_override: false,
-                    analysis: Vec::new(),
-                })?;
+                let mut entry = HistoryEntry::of(
+                    HistoryKind::Heal,
+                    self.clock.now(),
+                    (&applied.commit, applied.commit_time, &applied.summary),
+                    vec![name.clone()],
+                    (!errors.is_empty()).then(|| errors.join("; ")),
+                );
+                entry.digest = applied.digest.clone();
+                entry.updated = healed.len();
+                entry.duration_ms = started.elapsed().as_millis() as u64;
+                self.store.append(&entry)?;
             }
             reports.push(DriftReport {
                 target: name.clone(),

@@ -227,6 +227,8 @@ pub enum HistoryKind {
     Deploy,
     Revert,
     Heal,
+    /// Everything sluice created on the targets removed (`sluice down`).
+    Down,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +269,42 @@ pub struct HistoryEntry {
     /// Every canary analysis verdict of the rollout, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<IntervalVerdict>,
+}
+
+impl HistoryEntry {
+    /// An entry of `kind` for `commit` on `targets`, at `at`: nothing
+    /// counted, succeeded unless `error` says otherwise.
+    pub fn of(
+        kind: HistoryKind,
+        at: DateTime<Utc>,
+        commit: (&CommitId, i64, &str),
+        targets: Vec<String>,
+        error: Option<String>,
+    ) -> HistoryEntry {
+        HistoryEntry {
+            at,
+            kind,
+            outcome: if error.is_none() {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+            commit: commit.0.clone(),
+            commit_time: commit.1,
+            summary: commit.2.to_string(),
+            digest: String::new(),
+            targets,
+            created: 0,
+            updated: 0,
+            deleted: 0,
+            duration_ms: 0,
+            error,
+            decision: None,
+            retry: false,
+            window_override: false,
+            analysis: Vec::new(),
+        }
+    }
 }
 
 /// The record of a gate's verdict that aborted a rollout.

@@ -1217,16 +1217,20 @@ impl Target for HostTarget {
                 let routes_left = self.records().keys().any(|k| k.starts_with("Route/"));
                 if routes_left {
                     self.sync_routes().await
-                } else if let Some(client) = self.router_client() {
-                    // No routes left: an empty table, the router keeps running.
-                    client
-                        .put(&RouterConfig::default())
-                        .await
-                        .map_err(|e| TargetError::Delete {
-                            id: id.to_string(),
-                            reason: e.to_string(),
-                        })
                 } else {
+                    // No routes left: the router stops too (the next Route
+                    // starts it again), so nothing of sluice's keeps running.
+                    for i in self
+                        .sup
+                        .list()
+                        .into_iter()
+                        .filter(|i| i.spec.key == ROUTER_KEY)
+                    {
+                        self.sup.stop(&i).await;
+                    }
+                    for f in ["router.addr", "router.json"] {
+                        let _ = std::fs::remove_file(self.cfg.state_dir.join(f));
+                    }
                     Ok(())
                 }
             }
