@@ -66,6 +66,35 @@ fn a_new_commit_is_live_within_one_poll_in_dependency_order() {
     );
     // The record follows once the last gate has passed.
     agent.wait_idle_on(&shop.head());
+    // /metrics as Prometheus expects it, checked by the real promtool:
+    // counters and histograms to compute rates and quantiles from, one
+    // info series per target, the target synced.
+    let (_, m) = common::http_get(agent.port, "/metrics").unwrap();
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (tests/run installs prometheus)");
+    use std::io::Write as _;
+    check.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}\n{m}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    for want in [
+        "sluice_deployments_total{outcome=\"succeeded\"} 2",
+        "sluice_lead_time_seconds_count 2",
+        "sluice_target_synced{target=\"local\"} 1",
+        "sluice_reconcile_duration_seconds_bucket{le=\"+Inf\"}",
+    ] {
+        assert!(m.contains(want), "{want}\n{m}");
+    }
+    assert_eq!(m.matches("sluice_applied_commit_info{").count(), 1, "{m}");
 }
 
 #[test]

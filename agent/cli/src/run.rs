@@ -60,6 +60,57 @@ pub struct Metrics {
     poll_errors: AtomicU64,
     rollouts: AtomicU64,
     reverts: AtomicU64,
+    /// How long reconcile passes took, as a Prometheus histogram.
+    reconcile_seconds: Histogram,
+}
+
+/// Upper bounds (seconds) of the reconcile-duration histogram, and of the
+/// lead-time one (commit to live).
+const RECONCILE_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const LEAD_TIME_BUCKETS: [f64; 9] = [
+    60.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0, 86400.0, 604800.0,
+];
+
+/// A cumulative histogram with fixed bounds, lock-free.
+#[derive(Default)]
+struct Histogram {
+    /// Per bound of RECONCILE_BUCKETS, then +Inf.
+    counts: [AtomicU64; 11],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let i = RECONCILE_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(RECONCILE_BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Writes a histogram in the exposition format: cumulative buckets, sum,
+/// count.
+fn write_histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    counts: &[u64],
+    sum: f64,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut seen = 0;
+    for (b, c) in bounds.iter().zip(counts) {
+        seen += c;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {seen}");
+    }
+    let total: u64 = counts.iter().sum();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
 }
 
 struct Shared {
@@ -346,6 +397,7 @@ async fn reconcile_loop(
 ) {
     let mut failures = 0u32;
     loop {
+        let started = std::time::Instant::now();
         let result = {
             let store = shared.store.clone();
             let lock = tokio::task::spawn_blocking(move || store.lock()).await;
@@ -361,6 +413,10 @@ async fn reconcile_loop(
             }
         };
         shared.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
         let delay = match result {
             Ok(r) => {
                 failures = 0;
@@ -676,6 +732,53 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         "Automatic reverts.",
         m.reverts.load(Ordering::Relaxed),
     );
+    let h = &m.reconcile_seconds;
+    let counts: Vec<u64> = h.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    write_histogram(
+        &mut out,
+        "sluice_reconcile_duration_seconds",
+        "How long reconcile passes took.",
+        &RECONCILE_BUCKETS,
+        &counts,
+        h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+    );
+    // DORA from the history as counters and a histogram, so rates and
+    // quantiles come from PromQL (README: the queries).
+    if let Ok(history) = s.engine.store.history() {
+        use sluice_core::store::{HistoryKind, Outcome};
+        let _ = writeln!(out, "# HELP sluice_deployments_total Deployments recorded in the history, by outcome.\n# TYPE sluice_deployments_total counter");
+        for (outcome, label) in [
+            (Outcome::Succeeded, "succeeded"),
+            (Outcome::Failed, "failed"),
+        ] {
+            let n = history
+                .iter()
+                .filter(|e| e.kind == HistoryKind::Deploy && e.outcome == outcome)
+                .count();
+            let _ = writeln!(out, "sluice_deployments_total{{outcome=\"{label}\"}} {n}");
+        }
+        let leads: Vec<f64> = history
+            .iter()
+            .filter(|e| e.kind == HistoryKind::Deploy && e.outcome == Outcome::Succeeded)
+            .map(|e| (e.at.timestamp() - e.commit_time).max(0) as f64)
+            .collect();
+        let mut counts = vec![0u64; LEAD_TIME_BUCKETS.len() + 1];
+        for l in &leads {
+            let i = LEAD_TIME_BUCKETS
+                .iter()
+                .position(|b| l <= b)
+                .unwrap_or(LEAD_TIME_BUCKETS.len());
+            counts[i] += 1;
+        }
+        write_histogram(
+            &mut out,
+            "sluice_lead_time_seconds",
+            "Time from commit to live of each successful deployment.",
+            &LEAD_TIME_BUCKETS,
+            &counts,
+            leads.iter().sum(),
+        );
+    }
     if let Ok(history) = s.engine.store.history() {
         let d = output::dora(&history);
         let gauge = |out: &mut String, name: &str, help: &str, v: Option<f64>| {
@@ -740,6 +843,20 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                     a.commit
                 );
             }
+        }
+        // Synced: the target runs the newest commit seen on the branch.
+        let head = state.source.last_seen.as_ref().map(|r| &r.commit);
+        let _ = writeln!(out, "# HELP sluice_target_synced Whether the target runs the newest commit of the watched branch (1) or not (0).\n# TYPE sluice_target_synced gauge");
+        for (name, rec) in &state.targets {
+            let synced = rec
+                .applied
+                .as_ref()
+                .is_some_and(|a| Some(&a.commit) == head);
+            let _ = writeln!(
+                out,
+                "sluice_target_synced{{target=\"{name}\"}} {}",
+                u8::from(synced)
+            );
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
