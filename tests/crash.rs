@@ -246,3 +246,30 @@ fn a_good_rollout_killed_after_each_store_write_converges() {
     let points = kill_after_each_write(false);
     eprintln!("good rollout: {points} kill points tried, all converged");
 }
+
+/// A damaged store is said, not silent: an unreadable history line is
+/// skipped with a warning naming it, and a state.json that was deleted
+/// while the history records deployments is reported as lost.
+#[test]
+fn a_damaged_store_is_reported() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let history = shop.state().join("history.jsonl");
+    let mut text = std::fs::read_to_string(&history).unwrap();
+    text.push_str("{not json\n");
+    std::fs::write(&history, text).unwrap();
+    let out = shop.sluice(&["status"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stderr.contains("unreadable history line skipped") && out.stderr.contains("line=2"),
+        "{}",
+        out.all()
+    );
+    std::fs::remove_file(shop.state().join("state.json")).unwrap();
+    let out = shop.sluice(&["apply"]);
+    assert!(
+        out.stderr.contains("state store lost") && out.stderr.contains("1 deployment(s)"),
+        "{}",
+        out.all()
+    );
+}

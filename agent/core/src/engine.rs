@@ -1142,7 +1142,26 @@ impl Engine {
         if self.store.recover()? {
             warn!("a transition was cut short by a restart; its history entry is recorded now");
         }
-        let state = self.store.load()?;
+        let mut state = self.store.load()?;
+        // A state that lost its inventory (state.json deleted or emptied)
+        // while the history records deployments: nothing it forgot can be
+        // pruned (the safe side), and that is said, not silent.
+        if state.targets.is_empty() && state.last_error.is_none() {
+            let deployed = self
+                .store
+                .history()?
+                .iter()
+                .filter(|e| e.kind == HistoryKind::Deploy && e.outcome == Outcome::Succeeded)
+                .count();
+            if deployed > 0 {
+                let reason = format!(
+                    "the state store has no inventory, yet the history records {deployed} deployment(s): state.json was lost or emptied; resources removed from the repository since are not pruned until applied again"
+                );
+                warn!(%reason, "state store lost");
+                state.last_error = Some(reason);
+                self.store.save(&state)?;
+            }
+        }
         if let Some(p) = state.in_progress {
             // A deploy recorded as failed whose revert never marked itself
             // started: killed between the two; the revert is what comes next.

@@ -513,11 +513,18 @@ impl StateStore for FileStore {
             Err(source) => return Err(io(&path, source)),
         };
         let mut out = Vec::new();
-        for line in BufReader::new(f).lines() {
+        for (n, line) in BufReader::new(f).lines().enumerate() {
             let line = line.map_err(|source| io(&path, source))?;
-            // Torn lines from a crash are skipped, not fatal.
-            if let Ok(entry) = serde_json::from_str(&line) {
-                out.push(entry);
+            // Torn lines from a crash are skipped, not fatal, and said.
+            match serde_json::from_str(&line) {
+                Ok(entry) => out.push(entry),
+                Err(_) if line.trim().is_empty() => {}
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    line = n + 1,
+                    error = %e,
+                    "unreadable history line skipped"
+                ),
             }
         }
         Ok(out)
