@@ -480,3 +480,57 @@ fn down_removes_everything_sluice_created_and_revert_brings_it_back() {
     assert_eq!(back.code, 0, "{}", back.all());
     assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
 }
+
+/// kill -9 of a service's supervisor leaves its process running: it keeps
+/// serving and stays routed through the next rollout (which re-syncs every
+/// route), and status says it is unsupervised instead of missing.
+#[test]
+fn a_process_whose_supervisor_was_killed_stays_routed() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let supervisor = common::procs()
+        .into_iter()
+        .find(|p| {
+            p.args.iter().any(|a| a == "supervise")
+                && p.args.iter().any(|a| a.contains("/web-"))
+                && p.args
+                    .iter()
+                    .any(|a| a.starts_with(&shop.state().display().to_string()))
+        })
+        .expect("web's supervisor");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &supervisor.pid.to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(shop.get_json("web", "/")["version"], "1.0.0");
+    // A release of catalog only: its wave re-syncs the router's routes.
+    let port = shop.ports["web"];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::http_get(port, "/") {
+                    Ok((200, _)) => ok += 1,
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    shop.set_versions(&["1.1.0", "1.0.0", "1.0.0"]);
+    shop.commit("catalog 1.1.0");
+    let out = shop.sluice(&["apply"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = watcher.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(ok > 0 && failed == 0, "{ok} answered, {failed} failed");
+    let status = shop.sluice(&["status"]);
+    assert!(
+        status.stdout.contains("supervisor of web-"),
+        "{}",
+        status.all()
+    );
+}

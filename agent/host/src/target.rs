@@ -836,8 +836,12 @@ impl HostTarget {
             let live = |digest: Option<&String>| -> Vec<&Instance> {
                 instances
                     .iter()
+                    // A process whose supervisor died still serves: it
+                    // stays routed (dropping it would be an outage).
                     .filter(|i| {
-                        i.alive && i.spec.resource == spec.process && Some(&i.spec.digest) == digest
+                        (i.alive || i.child_running())
+                            && i.spec.resource == spec.process
+                            && Some(&i.spec.digest) == digest
                     })
                     .collect()
             };
@@ -897,7 +901,7 @@ impl HostTarget {
             "Process" => {
                 let mine: Vec<&Instance> = instances
                     .iter()
-                    .filter(|i| i.alive && i.spec.resource == id.name)
+                    .filter(|i| (i.alive || i.child_running()) && i.spec.resource == id.name)
                     .collect();
                 if mine.is_empty() {
                     return None;
@@ -982,7 +986,16 @@ impl HostTarget {
                         .as_ref()
                         .is_some_and(|s| s.phase == "backoff" || s.phase == "exited")
                 });
-                let health = if ready >= want && current.len() as u32 >= want {
+                // Running without its supervisor (killed by hand): it serves
+                // and stays routed, but nothing restarts it if it exits.
+                let unsupervised: Vec<&str> = current
+                    .iter()
+                    .filter(|i| !i.alive)
+                    .map(|i| i.spec.key.as_str())
+                    .collect();
+                let health = if !unsupervised.is_empty() {
+                    Health::Degraded
+                } else if ready >= want && current.len() as u32 >= want {
                     Health::Healthy
                 } else if crashing || restarts > 0 {
                     Health::Degraded
@@ -994,10 +1007,18 @@ impl HostTarget {
                     body,
                     health,
                     managed: None,
-                    message: Some(format!(
-                        "{ready}/{want} ready, version {}, restarts {restarts}",
-                        current[0].spec.version
-                    )),
+                    message: Some(if unsupervised.is_empty() {
+                        format!(
+                            "{ready}/{want} ready, version {}, restarts {restarts}",
+                            current[0].spec.version
+                        )
+                    } else {
+                        format!(
+                            "{ready}/{want} ready, version {}; the supervisor of {} is gone (the process still runs and is routed, but would not be restarted)",
+                            current[0].spec.version,
+                            unsupervised.join(", ")
+                        )
+                    }),
                 })
             }
             "File" => {
