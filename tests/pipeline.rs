@@ -483,7 +483,8 @@ fn down_removes_everything_sluice_created_and_revert_brings_it_back() {
 
 /// kill -9 of a service's supervisor leaves its process running: it keeps
 /// serving and stays routed through the next rollout (which re-syncs every
-/// route), and status says it is unsupervised instead of missing.
+/// route), and that reconcile adopts it with a new supervisor, which
+/// restarts it when it exits.
 #[test]
 fn a_process_whose_supervisor_was_killed_stays_routed() {
     let shop = Shop::new(&["1.0.0"; 3]);
@@ -527,10 +528,33 @@ fn a_process_whose_supervisor_was_killed_stays_routed() {
     let (ok, failed) = watcher.join().unwrap();
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(ok > 0 && failed == 0, "{ok} answered, {failed} failed");
+    // The apply adopted web's process with a new supervisor: the same
+    // process (no second copy), supervised again, and restarted by it when
+    // it exits.
+    assert!(out.stderr.contains("adopted again"), "{}", out.all());
+    let web = shop.service_pids()["web"];
+    let webs = common::procs()
+        .into_iter()
+        .filter(|p| {
+            p.args.iter().any(|a| a == "demo")
+                && p.args.windows(2).any(|w| w == ["--name", "web"])
+                && p.cwd.starts_with(shop.tmp.path())
+        })
+        .count();
+    assert_eq!(webs, 1, "a second copy of web");
     let status = shop.sluice(&["status"]);
     assert!(
-        status.stdout.contains("supervisor of web-"),
+        !status.stdout.contains("supervisor of web-"),
         "{}",
         status.all()
     );
+    shop.kill_service("web");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while shop.service_pids().get("web").is_none_or(|p| *p == web)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(shop.service_pids().get("web"), Some(&web), "not restarted");
+    shop.wait_version("web", "1.0.0", Duration::from_secs(10));
 }

@@ -325,6 +325,10 @@ enum Command {
     Supervise {
         #[arg(long)]
         spec: PathBuf,
+        /// Take over the running process the state file records (its
+        /// supervisor died) instead of starting one.
+        #[arg(long)]
+        adopt: bool,
     },
     /// Internal: git's credential helper for the watched repository.
     #[command(hide = true, name = "git-credential")]
@@ -379,7 +383,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Supervise { spec } => sluice_host::supervise::run(&spec),
+        Command::Supervise { spec, adopt } => sluice_host::supervise::run(&spec, adopt),
         Command::GitCredential {
             origin,
             token_file,

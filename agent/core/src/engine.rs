@@ -1142,6 +1142,25 @@ impl Engine {
         if self.store.recover()? {
             warn!("a transition was cut short by a restart; its history entry is recorded now");
         }
+        // The targets' own machinery first (orphaned processes adopted).
+        for (name, rec) in &self.store.load()?.targets {
+            let def = TargetDef {
+                name: name.clone(),
+                kind: rec.kind.unwrap_or(TargetKind::Host),
+                ring: 0,
+                service_account_name: None,
+            };
+            let Ok(target) = self.target(&def) else {
+                continue;
+            };
+            match target.maintain().await {
+                Ok(fixed) if !fixed.is_empty() => {
+                    warn!(target = %name, instances = ?fixed, "processes whose supervisor died adopted again")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(target = %name, error = %e, "target maintenance failed"),
+            }
+        }
         let mut state = self.store.load()?;
         // A state that lost its inventory (state.json deleted or emptied)
         // while the history records deployments: nothing it forgot can be

@@ -62,6 +62,13 @@ pub trait Target: Send + Sync {
     /// Traffic splitting, for targets that can run two versions of a
     /// resource at once (canary, blue-green). None: every change is
     /// applied directly.
+    /// Repairs the target's own machinery between reconciles (on the
+    /// host: a process whose supervisor died is adopted by a new one). The
+    /// instances repaired, for the log.
+    async fn maintain(&self) -> Result<Vec<String>, TargetError> {
+        Ok(Vec::new())
+    }
+
     fn traffic(&self) -> Option<&dyn crate::traffic::Traffic> {
         None
     }

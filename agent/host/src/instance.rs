@@ -77,6 +77,11 @@ pub struct InstanceState {
     pub last_exit: Option<String>,
     /// starting | running | backoff | exited | stopping
     pub phase: String,
+    /// The child's process group when it is not the shim's own: a child
+    /// adopted by a new shim after its first one died stays in the group
+    /// it was started in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_group: Option<u32>,
 }
 
 /// An instance found on disk, with its liveness checked.
@@ -166,6 +171,26 @@ impl Supervisor {
         let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
         write_json(&spec_path, spec)
             .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+        self.spawn_shim(spec, &spec_path, false).await
+    }
+
+    /// A new shim for an instance whose shim died while its process runs
+    /// on: it takes the running process over (no second copy), watches
+    /// it, and restarts it by its policy once it exits.
+    pub async fn adopt(&self, i: &Instance) -> Result<(), String> {
+        if i.alive || !i.child_running() {
+            return Ok(());
+        }
+        let spec_path = self.dir.join(format!("{}.json", i.spec.key));
+        self.spawn_shim(&i.spec, &spec_path, true).await
+    }
+
+    async fn spawn_shim(
+        &self,
+        spec: &LaunchSpec,
+        spec_path: &Path,
+        adopt: bool,
+    ) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -179,7 +204,8 @@ impl Supervisor {
         let child = tokio::process::Command::new(&self.exe)
             .arg("supervise")
             .arg("--spec")
-            .arg(&spec_path)
+            .arg(spec_path)
+            .args(adopt.then_some("--adopt"))
             .env_clear()
             .envs(crate::inherited_env())
             .process_group(0)
@@ -217,8 +243,12 @@ impl Supervisor {
                     .zip(s.child_start)
                     .is_some_and(|(p, t)| alive(p, t))
             };
+            let child_group = s.child_group.map(|g| Pid::from_raw(g as i32));
             if i.alive || child_alive() {
                 let _ = killpg(group, Signal::SIGTERM);
+                if let Some(g) = child_group {
+                    let _ = killpg(g, Signal::SIGTERM);
+                }
                 let deadline = Instant::now() + Duration::from_millis(i.spec.stop_timeout_ms);
                 while Instant::now() < deadline
                     && (alive(s.shim_pid, s.shim_start) || child_alive())
@@ -226,6 +256,9 @@ impl Supervisor {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let _ = killpg(group, Signal::SIGKILL);
+                if let Some(g) = child_group {
+                    let _ = killpg(g, Signal::SIGKILL);
+                }
                 let deadline = Instant::now() + Duration::from_secs(2);
                 while Instant::now() < deadline
                     && (alive(s.shim_pid, s.shim_start) || child_alive())

@@ -22,8 +22,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::instance::{proc_start_time, write_json, InstanceState, LaunchSpec, RestartPolicy};
 
-/// Body of `sluice supervise --spec PATH`.
-pub fn run(spec_path: &Path) -> ExitCode {
+/// Body of `sluice supervise --spec PATH [--adopt]`. With `adopt`, the
+/// child recorded in the state file still runs (its shim died): it is
+/// watched, not started again.
+pub fn run(spec_path: &Path, adopt: bool) -> ExitCode {
     let spec: LaunchSpec = match std::fs::read(spec_path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -44,10 +46,10 @@ pub fn run(spec_path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(supervise(spec, spec_path))
+    rt.block_on(supervise(spec, spec_path, adopt))
 }
 
-async fn supervise(spec: LaunchSpec, spec_path: &Path) -> ExitCode {
+async fn supervise(spec: LaunchSpec, spec_path: &Path, adopt: bool) -> ExitCode {
     let state_path = spec_path.with_extension("state.json");
     let me = std::process::id();
     let mut state = InstanceState {
@@ -58,7 +60,19 @@ async fn supervise(spec: LaunchSpec, spec_path: &Path) -> ExitCode {
         restarts: 0,
         last_exit: None,
         phase: "starting".into(),
+        child_group: None,
     };
+    // The orphan to adopt: the child the dead shim recorded, if it still
+    // is that process (pid and start time).
+    let orphan = adopt
+        .then(|| std::fs::read(&state_path).ok())
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<InstanceState>(&b).ok())
+        .filter(|old| {
+            old.child_pid
+                .zip(old.child_start)
+                .is_some_and(|(p, t)| crate::instance::alive(p, t))
+        });
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -71,6 +85,55 @@ async fn supervise(spec: LaunchSpec, spec_path: &Path) -> ExitCode {
             eprintln!("sluice supervise: writing {}: {e}", state_path.display());
         }
     };
+    if let Some(old) = orphan {
+        let (pid, start) = (old.child_pid.unwrap_or(0), old.child_start.unwrap_or(0));
+        let group = old.child_group.unwrap_or(old.shim_pid);
+        state.child_pid = Some(pid);
+        state.child_start = Some(start);
+        state.child_group = Some(group);
+        state.restarts = old.restarts;
+        state.phase = "running".into();
+        save(&state);
+        eprintln!(
+            "sluice supervise: {} adopted (pid {pid}) after its supervisor died",
+            spec.key
+        );
+        // Not our child: watched through /proc.
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if !crate::instance::alive(pid, start) {
+                        break;
+                    }
+                }
+                _ = term.recv() => {
+                    state.phase = "stopping".into();
+                    save(&state);
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(group as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    let deadline = Instant::now() + Duration::from_millis(spec.stop_timeout_ms);
+                    while Instant::now() < deadline && crate::instance::alive(pid, start) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    return ExitCode::SUCCESS;
+                }
+            }
+        }
+        eprintln!("sluice supervise: adopted {} exited", spec.key);
+        state.last_exit = Some("exited while adopted (status unknown)".into());
+        state.child_pid = None;
+        state.child_start = None;
+        state.child_group = None;
+        if matches!(spec.restart.policy, RestartPolicy::Never) {
+            state.phase = "exited".into();
+            save(&state);
+            let _ = term.recv().await;
+            return ExitCode::SUCCESS;
+        }
+        state.restarts += 1;
+    }
     save(&state);
     let mut backoff = spec.restart.initial_backoff_ms.max(10);
     loop {

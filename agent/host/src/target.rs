@@ -1196,6 +1196,24 @@ impl Target for HostTarget {
         Some(self)
     }
 
+    async fn maintain(&self) -> Result<Vec<String>, TargetError> {
+        let _guard = self.lock.lock().await;
+        let mut adopted = Vec::new();
+        for i in self.sup.list() {
+            if !i.alive && i.child_running() {
+                self.sup
+                    .adopt(&i)
+                    .await
+                    .map_err(|reason| TargetError::Apply {
+                        id: i.spec.key.clone(),
+                        reason,
+                    })?;
+                adopted.push(i.spec.key.clone());
+            }
+        }
+        Ok(adopted)
+    }
+
     async fn delete(&self, id: &ResourceId) -> Result<(), TargetError> {
         let _guard = self.lock.lock().await;
         match id.kind.as_str() {
