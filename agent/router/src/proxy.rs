@@ -273,7 +273,7 @@ pub async fn serve(
 }
 
 /// Replaces the configuration: binds new listeners first (all or nothing),
-/// swaps the tables, stops listeners no longer wanted, persists.
+/// persists, swaps the tables, stops listeners no longer wanted.
 async fn apply(state: &Arc<State>, cfg: RouterConfig) -> Result<(), RouterError> {
     let existing: BTreeMap<String, SocketAddr> = state
         .listeners
@@ -302,6 +302,10 @@ async fn apply(state: &Arc<State>, cfg: RouterConfig) -> Result<(), RouterError>
             }
         }
     }
+    // Persisted before it is served: if the write fails (a full disk),
+    // the new listeners close as they drop and nothing changed, so what
+    // the router serves is always what a restart would load.
+    persist(&state.config_path, &cfg)?;
     let tables: BTreeMap<String, Arc<Table>> = cfg
         .routes
         .iter()
@@ -340,7 +344,6 @@ async fn apply(state: &Arc<State>, cfg: RouterConfig) -> Result<(), RouterError>
             listeners.insert(name, Listener { addr, stop });
         }
     }
-    persist(&state.config_path, &cfg)?;
     *state.config.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
     Ok(())
 }
@@ -763,6 +766,37 @@ mod tests {
     /// A replica that stopped (its port refuses connections) costs the
     /// client nothing on a GET: the router retries on another backend, and
     /// counts the failed attempt against the stopped replica's version.
+    #[tokio::test]
+    async fn a_configuration_that_cannot_be_persisted_is_not_served() {
+        // The config path's folder is a file: every write fails, as on a
+        // full disk.
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        std::fs::write(&blocker, b"x").unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        tokio::spawn(serve(admin, blocker.join("r.json"), std::future::pending()));
+        let client = AdminClient::new(admin_addr);
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let cfg = RouterConfig {
+            routes: [(
+                "r".to_string(),
+                RouteConfig {
+                    listen,
+                    backends: Vec::new(),
+                },
+            )]
+            .into(),
+        };
+        assert!(client.put(&cfg).await.is_err());
+        // Nothing changed: no route, nothing listening on its address.
+        assert!(client.stats().await.unwrap().routes.is_empty());
+        assert!(std::net::TcpStream::connect(listen).is_err());
+    }
+
     #[tokio::test]
     async fn a_get_to_a_stopped_backend_is_retried_on_another() {
         let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
