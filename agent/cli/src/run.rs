@@ -744,7 +744,9 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     );
     // DORA from the history as counters and a histogram, so rates and
     // quantiles come from PromQL (README: the queries).
-    if let Ok(history) = s.engine.store.history() {
+    // One read of the history for every figure derived from it.
+    let history = s.engine.store.history().ok();
+    if let Some(history) = &history {
         use sluice_core::store::{HistoryKind, Outcome};
         let _ = writeln!(out, "# HELP sluice_deployments_total Deployments recorded in the history, by outcome.\n# TYPE sluice_deployments_total counter");
         for (outcome, label) in [
@@ -779,8 +781,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             leads.iter().sum(),
         );
     }
-    if let Ok(history) = s.engine.store.history() {
-        let d = output::dora(&history);
+    if let Some(history) = &history {
+        let d = output::dora(history);
         let gauge = |out: &mut String, name: &str, help: &str, v: Option<f64>| {
             if let Some(v) = v {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -811,7 +813,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             d["timeToRestoreSeconds"].as_f64(),
         );
     }
-    if let Ok(history) = s.engine.store.history() {
+    if let Some(history) = &history {
         let heals = history
             .iter()
             .filter(|h| h.kind == sluice_core::store::HistoryKind::Heal)

@@ -462,6 +462,16 @@ impl Analysis {
         self.reference = true;
     }
 
+    /// Blue-green: a 99.9% upper bound of the reference's error rate.
+    fn reference_rate_bound(&self) -> f64 {
+        let (e, n) = (self.baseline.errors as f64, self.baseline.requests as f64);
+        if n > 0.0 {
+            (e + 3.09 * e.sqrt() + 3.0) / n
+        } else {
+            1.0
+        }
+    }
+
     /// Totals over the rollout so far: (baseline, canary).
     pub fn totals(&self) -> (&Sample, &Sample) {
         (&self.baseline, &self.canary)
@@ -478,12 +488,7 @@ impl Analysis {
         let errors = if self.reference {
             // One sample: the canary's rate against r times what the
             // baseline's rate can have been (a 99.9% upper bound).
-            let (e, n) = (self.baseline.errors as f64, self.baseline.requests as f64);
-            let upper = if n > 0.0 {
-                (e + 3.09 * e.sqrt() + 3.0) / n
-            } else {
-                1.0
-            };
+            let upper = self.reference_rate_bound();
             let p0 = (r * upper).clamp(1e-6, 0.5);
             binomial_log_lr(ec, nc, p0, &ERROR_RATIOS)
         } else if nc > 0.0 && nb > 0.0 {
@@ -596,12 +601,7 @@ impl Analysis {
         // Errors: the conditional binomial test (blue-green: one sample
         // against the reference's upper bound).
         let (p, b) = if self.reference {
-            let (e, n) = (self.baseline.errors as f64, self.baseline.requests as f64);
-            let upper = if n > 0.0 {
-                (e + 3.09 * e.sqrt() + 3.0) / n
-            } else {
-                1.0
-            };
+            let upper = self.reference_rate_bound();
             let p0 = (r * upper).min(1.0);
             (binomial_tail(k.errors, k.requests, p0), &self.baseline)
         } else {
@@ -845,9 +845,6 @@ pub fn binomial_tail(x: u64, n: u64, p: f64) -> f64 {
     }
     // Sum P(X = i) for i ≥ x by the recurrence of consecutive terms,
     // starting from the log of the first.
-    let ln_choose = |n: u64, k: u64| {
-        ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0)
-    };
     let mut log_term = ln_choose(n, x) + x as f64 * p.ln() + (n - x) as f64 * (1.0 - p).ln();
     let odds = (p / (1.0 - p)).ln();
     let mut sum = 0.0;
@@ -874,9 +871,6 @@ pub fn hypergeometric_tail(x: u64, slower: u64, marked: u64, total: u64) -> f64 
     if x > top || total == 0 {
         return 0.0;
     }
-    let ln_choose = |n: u64, k: u64| {
-        ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0)
-    };
     let all = ln_choose(total, slower);
     let mut sum = 0.0;
     for i in x..=top {
@@ -886,6 +880,11 @@ pub fn hypergeometric_tail(x: u64, slower: u64, marked: u64, total: u64) -> f64 
         sum += (ln_choose(marked, i) + ln_choose(total - marked, slower - i) - all).exp();
     }
     sum.min(1.0)
+}
+
+/// ln C(n, k).
+fn ln_choose(n: u64, k: u64) -> f64 {
+    ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0)
 }
 
 /// ln Γ(x) for x > 0 (Lanczos, g = 7, 9 terms: about 15 digits).

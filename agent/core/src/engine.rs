@@ -304,15 +304,24 @@ impl Engine {
         Ok(result?)
     }
 
-    /// Renders, observes and plans `revision` without changing anything.
-    pub async fn prepare(&self, revision: &Revision) -> Result<Prepared, EngineError> {
-        let snapshot = self.source.snapshot(&revision.commit, &self.limits).await?;
+    /// A commit's snapshot and its render.
+    async fn render_commit(
+        &self,
+        commit: &CommitId,
+    ) -> Result<(crate::source::Snapshot, Rendered), EngineError> {
+        let snapshot = self.source.snapshot(commit, &self.limits).await?;
         let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
             EngineError::Render {
-                commit: revision.commit.to_string(),
+                commit: commit.to_string(),
                 source,
             }
         })?;
+        Ok((snapshot, rendered))
+    }
+
+    /// Renders, observes and plans `revision` without changing anything.
+    pub async fn prepare(&self, revision: &Revision) -> Result<Prepared, EngineError> {
+        let (snapshot, rendered) = self.render_commit(&revision.commit).await?;
         let pack = guard::Pack::load(&snapshot, &rendered.topology.policies).map_err(|source| {
             EngineError::Guard {
                 commit: revision.commit.to_string(),
@@ -937,13 +946,7 @@ impl Engine {
             }
         };
         let revision = self.source.resolve(commit.as_str()).await?;
-        let snapshot = self.source.snapshot(&commit, &self.limits).await?;
-        let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
-            EngineError::Render {
-                commit: commit.to_string(),
-                source,
-            }
-        })?;
+        let (_, rendered) = self.render_commit(&commit).await?;
         let only: BTreeSet<String> = targets.iter().cloned().collect();
         let state = self.store.load()?;
         let mut prepared = self
@@ -1075,13 +1078,7 @@ impl Engine {
                 Vec::new(),
             ));
         };
-        let snapshot = self.source.snapshot(&commit, &self.limits).await?;
-        let mut rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
-            EngineError::Render {
-                commit: commit.to_string(),
-                source,
-            }
-        })?;
+        let (snapshot, mut rendered) = self.render_commit(&commit).await?;
         rendered.desired.resources.clear();
         let prepared = self
             .prepare_rendered(rendered, &state, Some(&names), None)
@@ -1254,13 +1251,7 @@ impl Engine {
             let Some(applied) = &rec.applied else {
                 continue;
             };
-            let snapshot = self.source.snapshot(&applied.commit, &self.limits).await?;
-            let rendered = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
-                EngineError::Render {
-                    commit: applied.commit.to_string(),
-                    source,
-                }
-            })?;
+            let (_, rendered) = self.render_commit(&applied.commit).await?;
             let only: BTreeSet<String> = [name.clone()].into();
             let prepared = self
                 .prepare_rendered(rendered, &state, Some(&only), None)
@@ -1348,13 +1339,7 @@ impl Engine {
     /// in live that the merge would overwrite. Changes nothing live.
     pub async fn report(&self, base: &Revision, head: &Revision) -> Result<PrReport, EngineError> {
         let live_plan = self.prepare(head).await?;
-        let snapshot = self.source.snapshot(&base.commit, &self.limits).await?;
-        let base_r = render_with(&snapshot, self.kustomize.as_ref()).map_err(|source| {
-            EngineError::Render {
-                commit: base.commit.to_string(),
-                source,
-            }
-        })?;
+        let (_, base_r) = self.render_commit(&base.commit).await?;
         let as_live: BTreeMap<ResourceId, LiveResource> = base_r
             .desired
             .resources
