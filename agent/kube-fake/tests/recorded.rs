@@ -45,6 +45,35 @@ fn comparable(v: &Value) -> Value {
     v
 }
 
+/// Sends a recorded request to `fake` (with `token` in place of a
+/// recorded Authorization header): the answer's status and body.
+async fn replay(
+    http: &reqwest::Client,
+    fake: &Fake,
+    recorded: &Value,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let req = &recorded["request"];
+    let method = reqwest::Method::from_bytes(req["method"].as_str().unwrap().as_bytes()).unwrap();
+    let mut r = http.request(
+        method,
+        format!("{}{}", fake.url(), req["path"].as_str().unwrap()),
+    );
+    for (k, v) in req["headers"].as_object().into_iter().flatten() {
+        let v = v.as_str().unwrap();
+        r = match token {
+            Some(t) if k == "Authorization" => r.header(k, t),
+            _ => r.header(k, v),
+        };
+    }
+    if let Some(body) = req["body"].as_str() {
+        r = r.body(body.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_recorded_exchange_gets_the_recorded_answer() {
     let fake = Fake::start().await;
@@ -81,24 +110,7 @@ async fn every_recorded_exchange_gets_the_recorded_answer() {
         let name = file.file_name().unwrap().to_string_lossy().to_string();
         let recorded: Value =
             serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
-        let req = &recorded["request"];
-        let method =
-            reqwest::Method::from_bytes(req["method"].as_str().unwrap().as_bytes()).unwrap();
-        let mut r = http.request(
-            method,
-            format!("{}{}", fake.url(), req["path"].as_str().unwrap()),
-        );
-        if let Some(h) = req["headers"].as_object() {
-            for (k, v) in h {
-                r = r.header(k, v.as_str().unwrap());
-            }
-        }
-        if let Some(body) = req["body"].as_str() {
-            r = r.body(body.to_string());
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let got: Value = resp.json().await.unwrap_or(Value::Null);
+        let (status, got) = replay(&http, &fake, &recorded, None).await;
         let want = &recorded["response"]["body"];
         let want_status = recorded["response"]["status"].as_u64().unwrap() as u16;
         if status != want_status {
@@ -267,27 +279,7 @@ async fn rbac_and_impersonation_answer_as_recorded() {
         }
         let recorded: Value =
             serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
-        let req = &recorded["request"];
-        let method =
-            reqwest::Method::from_bytes(req["method"].as_str().unwrap().as_bytes()).unwrap();
-        let mut r = http.request(
-            method,
-            format!("{}{}", fake.url(), req["path"].as_str().unwrap()),
-        );
-        for (k, v) in req["headers"].as_object().into_iter().flatten() {
-            let v = v.as_str().unwrap();
-            r = if k == "Authorization" {
-                r.header(k, &token)
-            } else {
-                r.header(k, v)
-            };
-        }
-        if let Some(body) = req["body"].as_str() {
-            r = r.body(body.to_string());
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let got: Value = resp.json().await.unwrap_or(Value::Null);
+        let (status, got) = replay(&http, &fake, &recorded, Some(&token)).await;
         let want = &recorded["response"]["body"];
         let want_status = recorded["response"]["status"].as_u64().unwrap() as u16;
         if status != want_status {
