@@ -635,8 +635,8 @@ async fn every_recorded_1_28_exchange_gets_the_recorded_answer() {
             let marks: Vec<&Value> = got.iter().filter(|e| e["type"] == "BOOKMARK").collect();
             let last = got
                 .iter()
-                .filter(|e| e["type"] != "BOOKMARK")
-                .last()
+                .rev()
+                .find(|e| e["type"] != "BOOKMARK")
                 .map(|e| e["object"]["metadata"]["resourceVersion"].clone());
             if marks.is_empty()
                 || marks.iter().any(|m| {
