@@ -10,6 +10,7 @@
 mod common;
 #[path = "common/servers.rs"]
 mod servers;
+use common::ports;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

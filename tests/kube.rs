@@ -1106,8 +1106,18 @@ fn two_replicas_never_apply_at_once_and_the_follower_takes_over() {
 }
 
 /// The repository becomes the README's Kubernetes example (its soak
-/// shortened for the tests).
+/// shortened for the tests), and the cluster gets what its tenant.yaml
+/// sets up, as a cluster admin would apply it: the account the example
+/// names, its Roles and the Namespace.
 fn use_the_example(c: &Cluster) {
+    let tenant = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/kubernetes-shop/tenant.yaml");
+    for doc in std::fs::read_to_string(tenant).unwrap().split("\n---\n") {
+        let v: Value = serde_yaml::from_str(doc).unwrap();
+        if v.is_object() {
+            c.fake.create(v, "kubectl");
+        }
+    }
     for dir in ["platform", "api", "web"] {
         std::fs::remove_dir_all(c.repo().join(dir)).unwrap();
     }
@@ -1119,6 +1129,7 @@ fn use_the_example(c: &Cluster) {
         .output()
         .unwrap();
     assert!(out.status.success());
+    std::fs::remove_file(c.repo().join("tenant.yaml")).unwrap();
     let topology = std::fs::read_to_string(c.repo().join("sluice.yaml")).unwrap();
     c.write("sluice.yaml", &topology.replace("soak: 10s", "soak: 0s"));
 }
@@ -1209,7 +1220,7 @@ fn as_the_agent(c: &Cluster) {
 #[test]
 fn a_tenant_service_is_written_as_its_service_account_and_kept_to_its_namespace() {
     let c = Cluster::new();
-    install_manifests(&c, &["optional/impersonate-tenants.yaml"]);
+    install_manifests(&c, &[]);
     for ns in ["team-a", "team-b"] {
         c.fake.create(
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
@@ -1217,20 +1228,20 @@ fn a_tenant_service_is_written_as_its_service_account_and_kept_to_its_namespace(
         );
     }
     c.fake.create(
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "deployer", "namespace": "team-a"}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sluice-deployer", "namespace": "team-a"}}),
         "kubectl",
     );
     c.fake.create(
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-               "metadata": {"name": "deployer", "namespace": "team-a"},
+               "metadata": {"name": "sluice-deployer", "namespace": "team-a"},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "patch", "update", "delete"]}]}),
         "kubectl",
     );
     c.fake.create(
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "deployer", "namespace": "team-a"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
-               "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": "team-a"}]}),
+               "metadata": {"name": "sluice-deployer", "namespace": "team-a"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sluice-deployer"},
+               "subjects": [{"kind": "ServiceAccount", "name": "sluice-deployer", "namespace": "team-a"}]}),
         "kubectl",
     );
     as_the_agent(&c);
@@ -1239,7 +1250,7 @@ fn a_tenant_service_is_written_as_its_service_account_and_kept_to_its_namespace(
     }
     c.write(
         "sluice.yaml",
-        "apiVersion: sluice.dev/v1\nkind: Topology\ndefaults:\n  soak: 0s\n  gateTimeout: 4s\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  team-a:\n    path: team-a\n    serviceAccountName: team-a/deployer\n",
+        "apiVersion: sluice.dev/v1\nkind: Topology\ndefaults:\n  soak: 0s\n  gateTimeout: 4s\ntargets:\n  - name: cluster\n    type: kubernetes\nservices:\n  team-a:\n    path: team-a\n    serviceAccountName: team-a/sluice-deployer\n",
     );
     let cm = |ns: &str| {
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {ns}\ndata:\n  mode: fast\n")
@@ -1252,33 +1263,33 @@ fn a_tenant_service_is_written_as_its_service_account_and_kept_to_its_namespace(
         .object("", "configmaps", "team-a", "settings")
         .expect("applied");
     assert_eq!(live["data"]["mode"], "fast");
-    // The same service writing into another team's namespace: refused at
-    // the dry run as the account, naming it; nothing written, no revert.
+    // The same service writing into another team's namespace: refused
+    // already when sluice reads it as the account, naming the account;
+    // nothing written, no revert.
     c.write("team-a/intruder.yaml", &cm("team-b"));
     c.commit("team a writes into team b");
     let out = c.sluice(&["apply"]);
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(
         out.all().contains(
-            "User \"system:serviceaccount:team-a:deployer\" cannot patch resource \"configmaps\" in API group \"\" in the namespace \"team-b\""
-        ),
+            "User \"system:serviceaccount:team-a:sluice-deployer\" cannot get resource \"configmaps\" in API group \"\" in the namespace \"team-b\""
+        ) && out.all().contains("ServiceAccount team-a/sluice-deployer"),
         "{}",
         out.all()
     );
-    assert!(
-        out.stdout.contains("REJECTED before anything was written"),
-        "{}",
-        out.all()
-    );
+    assert!(!out.all().contains("revert"), "{}", out.all());
     assert!(c.object("", "configmaps", "team-b", "settings").is_none());
 }
 
-/// The install's own ServiceAccount applies the Kubernetes example: the
-/// manifests/ folder (rendered by the real `kubectl kustomize`) is applied
-/// to the fake as its admin, then sluice runs with the token of
-/// `sluice-system/sluice`. Against the fake with RBAC (no real API server
-/// here), which authorises as the recorded kube-apiserver 1.28 does
-/// (fixtures 51a-51f), creates through apply needing `create` included.
+/// The default install applies the Kubernetes example: manifests/
+/// (rendered by the real `kubectl kustomize`) and the example's
+/// tenant.yaml are applied to the fake as its admin, then sluice runs with
+/// the token of `sluice-system/sluice`, which may write nothing itself and
+/// acts as the account the example names. A kind that account's Role
+/// lacks is refused before anything is written, naming the kind, the
+/// account and the rule to add. Against the fake with RBAC and
+/// impersonation (no real API server here), which authorises as the
+/// recorded kube-apiserver 1.28 does (fixtures 51a-51f, 60a-b).
 #[test]
 fn the_shipped_service_account_applies_the_example_and_a_missing_rule_is_named() {
     let c = Cluster::new();
@@ -1294,16 +1305,30 @@ fn the_shipped_service_account_applies_the_example_and_a_missing_rule_is_named()
     assert!(c
         .object("gateway.networking.k8s.io", "httproutes", "shop", "orders")
         .is_some());
-    // Every request was the ServiceAccount's, and some were refused
-    // nowhere: the role holds what the example needs.
-    assert!(
-        c.fake.log().iter().all(|l| l.status != 403),
-        "{}",
-        out.all()
-    );
-    // A kind the role lacks (a Lease outside sluice's namespace): refused
-    // before anything is written (sluice may not even read it), naming the
-    // kind and the rule to add.
+    // Nothing was refused but LISTs of Namespaces (the account may read
+    // only its own, by name: a health watch on it falls back to polling).
+    let refused: Vec<String> = c
+        .fake
+        .log()
+        .iter()
+        .filter(|l| l.status == 403 && !(l.method == "GET" && l.path == "/api/v1/namespaces"))
+        .map(|l| format!("{} {}", l.method, l.path))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}\n{}", out.all());
+    // sluice itself may not even read what it deployed.
+    let own = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+        .get(format!("{}/api/v1/namespaces/shop/secrets", c.fake.url()))
+        .bearer_auth(Fake::service_account_token("sluice-system", "sluice"))
+        .send()
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(own, 403);
+    // A kind the account's Role lacks (a Lease): refused before anything
+    // is written, naming the kind, the account and the rule to add.
     c.write(
         "services/platform/lease.yaml",
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: team-lock\n  namespace: shop\nspec:\n  holderIdentity: nobody\n",
@@ -1314,6 +1339,7 @@ fn the_shipped_service_account_applies_the_example_and_a_missing_rule_is_named()
     let all = out.all();
     assert!(
         all.contains("leases.coordination.k8s.io \"team-lock\" is forbidden")
+            && all.contains("ServiceAccount shop/sluice-deployer")
             && all.contains("resources: [\"leases\"]")
             && all.contains("apiGroups: [\"coordination.k8s.io\"]"),
         "{all}"
@@ -1321,6 +1347,32 @@ fn the_shipped_service_account_applies_the_example_and_a_missing_rule_is_named()
     assert!(c
         .object("coordination.k8s.io", "leases", "shop", "team-lock")
         .is_none());
+}
+
+/// The opt-in wide role (manifests/optional/cluster-wide.yaml) lets a
+/// repository that names no account deploy as sluice itself: the example
+/// without its serviceAccountName applies with the install's token.
+#[test]
+fn the_opt_in_cluster_wide_role_applies_the_example_as_sluice_itself() {
+    let c = Cluster::new();
+    install_manifests(&c, &["optional/cluster-wide.yaml"]);
+    install_gateway_api(&c.fake);
+    as_the_agent(&c);
+    use_the_example(&c);
+    let topology = std::fs::read_to_string(c.repo().join("sluice.yaml")).unwrap();
+    c.write(
+        "sluice.yaml",
+        &topology.replace("    serviceAccountName: shop/sluice-deployer\n", ""),
+    );
+    c.commit("the example, as sluice itself");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(c.object("apps", "deployments", "shop", "web").is_some());
+    assert!(
+        c.fake.log().iter().all(|l| l.status != 403),
+        "{}",
+        out.all()
+    );
 }
 
 /// A crash (SIGKILL) in the middle of a canary on Kubernetes: the next
@@ -1419,4 +1471,123 @@ fn bluegreen_switches_the_route_at_once_and_back_on_failure() {
         .object("apps", "deployments", "shop", "orders-canary")
         .is_none());
     assert_eq!(c.image("orders"), "registry.example.com/shop/orders:2.0.0");
+}
+
+/// Writes a Deployment's rolled-out status as the deployment controller
+/// would (through the status subresource, fixture 58d).
+fn roll_out(c: &Cluster, name: &str) {
+    let d = c
+        .object("apps", "deployments", "shop", name)
+        .expect("deployment");
+    let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
+    c.fake.edit(
+        "apps",
+        "deployments",
+        "shop",
+        name,
+        "kube-controller-manager",
+        json!({"status": {"observedGeneration": d["metadata"]["generation"], "replicas": replicas,
+            "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"},
+                           {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}}),
+    );
+}
+
+/// Requests about one Deployment: (GETs and LISTs, WATCHes).
+fn reads_of(c: &Cluster, name: &str, from: usize) -> (usize, usize) {
+    let log = c.fake.log();
+    let reads = log[from..]
+        .iter()
+        .filter(|l| {
+            l.method == "GET"
+                && !l.watch
+                && (l.path.ends_with(&format!("/deployments/{name}"))
+                    || l.path.ends_with("/deployments"))
+        })
+        .count();
+    let watches = log[from..]
+        .iter()
+        .filter(|l| l.watch && l.path.ends_with("/deployments"))
+        .count();
+    (reads, watches)
+}
+
+/// Health gates on Kubernetes wait on a WATCH from the version their
+/// observe saw, not on a poll: a Deployment that becomes available while
+/// its gate waits wakes the gate at once, a soak costs one quiet watch,
+/// and a Deployment that never becomes available fails at `gateTimeout`
+/// (the time to become healthy; the soak comes after). No controller
+/// runs in the fake here: the test writes the rolled-out status itself.
+#[test]
+fn health_gates_wait_on_watches_and_time_out_at_the_gate_timeout() {
+    let c = Cluster::new();
+    c.write(
+        "sluice.yaml",
+        &TOPOLOGY
+            .replace("soak: 0s", "soak: 3s")
+            .replace("gateTimeout: 4s", "gateTimeout: 60s"),
+    );
+    c.commit("shop 1.0.0");
+    c.fake.controllers(false);
+    let agent = c.command("apply", "state");
+    let child = std::thread::spawn(move || run_with_timeout(agent, Duration::from_secs(120)));
+    for name in ["api", "web"] {
+        wait_for(name, Duration::from_secs(30), || {
+            c.object("apps", "deployments", "shop", name).is_some()
+        });
+        // Not available for 3 s: a poll backing off from 100 ms would
+        // read it 5 or 6 times by then; the gate reads it, lists it for a
+        // version and watches from there.
+        std::thread::sleep(Duration::from_secs(3));
+        let log = c.fake.log();
+        let from = log
+            .iter()
+            .rposition(|l| l.method == "PATCH" && l.path.ends_with(&format!("/deployments/{name}")))
+            .unwrap();
+        let (reads, watches) = reads_of(&c, name, from);
+        assert!(watches >= 1, "{name}: no watch while waiting");
+        assert!(reads <= 3, "{name}: {reads} reads while waiting for it");
+        roll_out(&c, name);
+    }
+    let out = child.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    // web's gate woke on the status change, then soaked 3 s on one quiet
+    // watch: a few reads in 6 s, where a poll would have made about ten.
+    let log = c.fake.log();
+    let from = log
+        .iter()
+        .rposition(|l| l.method == "PATCH" && l.path.ends_with("/deployments/web"))
+        .unwrap();
+    let (reads, watches) = reads_of(&c, "web", from);
+    assert!(watches >= 2, "{watches} watches");
+    assert!(
+        reads <= 6,
+        "{reads} reads of web during its gate: {:#?}",
+        log[from..]
+            .iter()
+            .map(|l| format!("{} {} {} {}", l.method, l.path, l.status, l.watch))
+            .collect::<Vec<_>>()
+    );
+
+    // Never available: the gate fails at gateTimeout (2 s), not later.
+    c.write(
+        "sluice.yaml",
+        &TOPOLOGY
+            .replace("soak: 0s", "soak: 30s")
+            .replace("gateTimeout: 4s", "gateTimeout: 2s"),
+    );
+    c.write("web/web.yaml", &web("1.1.0"));
+    c.commit("web 1.1.0");
+    let from = c.fake.log().len();
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.all().contains("healthy within 2s (gateTimeout)"),
+        "{}",
+        out.all()
+    );
+    assert!(!out.all().contains("not decided in time"), "{}", out.all());
+    let (_, watches) = reads_of(&c, "web", from);
+    assert!(watches >= 1, "no watch while waiting for web 1.1.0");
+    assert_eq!(c.image("web"), "registry.example.com/shop/web:1.0.0");
 }

@@ -76,6 +76,24 @@ fn the_in_cluster_install_renders_least_privilege_and_locked_down() {
             }
         }
     }
+    // Cluster-wide, sluice itself may only impersonate (its deploy
+    // accounts) and read discovery: no Secrets, no Namespaces, nothing in
+    // kube-system (the wide role is optional/cluster-wide.yaml, opt-in).
+    for d in docs.iter().filter(|d| d["kind"] == "ClusterRole") {
+        for rule in d["rules"].as_array().unwrap() {
+            if rule["nonResourceURLs"].is_array() {
+                assert_eq!(rule["verbs"], serde_json::json!(["get"]));
+                continue;
+            }
+            assert_eq!(rule["verbs"], serde_json::json!(["impersonate"]), "{rule}");
+            assert_eq!(
+                rule["resources"],
+                serde_json::json!(["serviceaccounts"]),
+                "{rule}"
+            );
+            assert!(rule["resourceNames"].is_array(), "{rule}");
+        }
+    }
     let role_text = serde_json::to_string(&docs).unwrap();
     assert!(role_text.contains("leases"), "leader election needs leases");
     let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::free_port;
+// The crate that includes this file provides `ports` (tests/common/ports.rs).
+use crate::ports::free_port;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");

@@ -95,7 +95,7 @@ fn main() {
             qps,
         );
         println!(
-            "sluice apply, {OBJECTS} ConfigMaps cold, --kube-qps {qps} --kube-burst {}: {secs:.1} s, {requests} requests ({:.2} per object: a dry run and an apply), {:.0} objects/s, {:.0} requests/s",
+            "sluice apply, {OBJECTS} ConfigMaps cold, --kube-qps {qps} --kube-burst {}: {secs:.1} s, {requests} requests ({:.2} per object: a dry run and an apply), {:.0} objects/s, {:.0} requests/s against a budget of {qps}/s",
             2 * qps,
             requests as f64 / OBJECTS as f64,
             OBJECTS as f64 / secs,
@@ -142,7 +142,7 @@ fn main() {
     let soak = TOPOLOGY.replace("soak: 0s", "soak: 10s");
     let sdir = tempfile::tempdir().unwrap();
     let ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n".to_string();
-    let (_fake, secs, requests) = sluice(
+    let (fake, secs, requests) = sluice(
         sdir.path(),
         &soak,
         &[
@@ -151,7 +151,16 @@ fn main() {
         ],
         50,
     );
+    let log = fake.log();
+    let applied = log
+        .iter()
+        .rposition(|l| l.method == "PATCH" && l.path.ends_with("/deployments/web"))
+        .unwrap_or(0);
+    let gate = &log[applied + 1..];
+    let watches = gate.iter().filter(|l| l.watch).count();
+    let reads = gate.iter().filter(|l| l.method == "GET" && !l.watch).count();
     println!(
-        "one Deployment and its Namespace, soak 10s: {secs:.1} s, {requests} requests in all (discovery, dry runs, applies and every health check)"
+        "one Deployment and its Namespace, soak 10s: {secs:.1} s, {requests} requests in all (discovery, dry runs, applies, gates); during the Deployment's gate and soak: {} requests ({reads} reads, {watches} watches)",
+        gate.len()
     );
 }

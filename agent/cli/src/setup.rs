@@ -427,8 +427,11 @@ impl TargetProvider for KubeProvider {
                     ),
                 })?;
         tracing::info!(target = %def.name, server = %cluster.server, context = context.as_deref().unwrap_or("current"), "kubernetes target");
-        let target: Arc<dyn Target> =
-            Arc::new(sluice_kube::KubeTarget::new(&def.name, Arc::new(cluster)));
+        let target: Arc<dyn Target> = Arc::new(sluice_kube::KubeTarget::new(
+            &def.name,
+            Arc::new(cluster),
+            def.service_account_name.clone(),
+        ));
         built.insert(def.name.clone(), target.clone());
         Ok(target)
     }

@@ -369,6 +369,7 @@ impl Engine {
                 inventory.extend(record.inventory.clone());
             }
             let ids: Vec<_> = ids.into_iter().collect();
+            target.act_as(&users_of(&rendered, name, &ids, &inventory));
             live.extend(target.observe(&ids).await?);
         }
         let plan =
@@ -873,9 +874,63 @@ impl Engine {
                     format!("passed within {}s", (timeout + soak).as_secs()),
                 ));
             }
-            self.clock.sleep(poll).await;
+            // Where every gate says when it must look again and every
+            // target can watch, wait for a change instead of polling; at
+            // least `poll` apart, so a burst of status updates costs one
+            // read, not one each.
+            let elapsed = started.elapsed();
+            let recheck = gates
+                .iter()
+                .map(|g| g.recheck_in(elapsed))
+                .try_fold((timeout + soak).saturating_sub(elapsed), |m, r| {
+                    r.map(|r| m.min(r))
+                });
+            let looked = Instant::now();
+            let watched = match recheck {
+                Some(max) if !max.is_zero() => self.changed(prepared, ids, max).await,
+                Some(_) => Some(false),
+                None => None,
+            };
+            match watched {
+                Some(true) => {
+                    let since = looked.elapsed();
+                    if since < poll {
+                        self.clock.sleep(poll - since).await;
+                    }
+                }
+                Some(false) => {}
+                None => self.clock.sleep(poll).await,
+            }
             poll = (poll * 2).min(MAX_GATE_POLL.max(self.gate_poll));
         }
+    }
+
+    /// Waits until one of `ids` may have changed, at most `max`, on every
+    /// target they live on: Some(true) on a change, Some(false) when
+    /// `max` passed quietly, None if a target cannot watch.
+    async fn changed(
+        &self,
+        prepared: &Prepared,
+        ids: &[ResourceId],
+        max: Duration,
+    ) -> Option<bool> {
+        let mut by_target: BTreeMap<&str, Vec<ResourceId>> = BTreeMap::new();
+        for id in ids {
+            by_target.entry(&id.target).or_default().push(id.clone());
+        }
+        let waits: Vec<_> = by_target
+            .iter()
+            .filter_map(|(name, ids)| {
+                let target = prepared.targets.get(*name)?.clone();
+                let ids = ids.clone();
+                Some(Box::pin(async move { target.changed(&ids, max).await }))
+            })
+            .collect();
+        if waits.is_empty() {
+            return None;
+        }
+        let (first, _, _) = futures_util::future::select_all(waits).await;
+        first
     }
 
     /// Live state of `ids` across targets; a target that cannot be observed
@@ -1587,6 +1642,40 @@ impl Engine {
 
 /// The longest wait between two checks of a wave's gates.
 const MAX_GATE_POLL: Duration = Duration::from_secs(2);
+
+/// Who each of `ids` on `target` is read, written and deleted as: a
+/// desired resource as render decided, an inventory entry as its service's
+/// (or else the target's) `serviceAccountName` says now.
+fn users_of(
+    rendered: &Rendered,
+    target: &str,
+    ids: &[ResourceId],
+    inventory: &Inventory,
+) -> BTreeMap<ResourceId, String> {
+    let topo = &rendered.topology;
+    let target_sa = topo
+        .targets
+        .iter()
+        .find(|t| t.name == target)
+        .and_then(|t| t.service_account_name.clone());
+    ids.iter()
+        .filter_map(|id| {
+            let user = match rendered.desired.resources.get(id) {
+                Some(r) => r.impersonate.clone()?,
+                None => {
+                    let service = inventory.get(id)?;
+                    let sa = topo
+                        .services
+                        .get(service)
+                        .and_then(|s| s.service_account_name.clone())
+                        .or_else(|| target_sa.clone())?;
+                    crate::render::impersonated(&sa, id.namespace.as_deref()).ok()?
+                }
+            };
+            Some((id.clone(), user))
+        })
+        .collect()
+}
 
 fn gate_times(topo: &Topology, services: &[String]) -> (Duration, Duration) {
     let mut timeout = Duration::ZERO;

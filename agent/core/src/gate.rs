@@ -45,6 +45,14 @@ pub trait Gate: Send + Sync {
     fn name(&self) -> &str;
     /// Called repeatedly; a gate may keep state between calls.
     async fn check(&self, ctx: &GateContext<'_>) -> Verdict;
+
+    /// After a `Wait` at `elapsed`, how long until this gate must be
+    /// checked again even if nothing live changed (a soak or a timeout
+    /// ends). None: it must be polled (its verdict depends on more than
+    /// the resources' live state, e.g. traffic counters).
+    fn recheck_in(&self, _elapsed: Duration) -> Option<Duration> {
+        None
+    }
 }
 
 /// Builds extra gates for a wave (canary analysis, sync windows, ...).
@@ -75,6 +83,16 @@ impl HealthGate {
 impl Gate for HealthGate {
     fn name(&self) -> &str {
         "health"
+    }
+
+    /// Only the live state and the clock decide: nothing to do until the
+    /// soak ends (when soaking) or the gate timeout (when waiting).
+    fn recheck_in(&self, elapsed: Duration) -> Option<Duration> {
+        let since = *self.healthy_since.lock().unwrap_or_else(|e| e.into_inner());
+        Some(match since {
+            Some(start) => (start + self.soak).saturating_sub(elapsed),
+            None => self.timeout.saturating_sub(elapsed),
+        })
     }
 
     async fn check(&self, ctx: &GateContext<'_>) -> Verdict {

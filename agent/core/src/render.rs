@@ -811,7 +811,7 @@ fn string_data(
 /// The user a `serviceAccountName` stands for, for an object in
 /// `namespace`: `ns/name` is that account, `name` the one of that name in
 /// the object's own namespace.
-fn impersonated(sa: &str, namespace: Option<&str>) -> Result<String, String> {
+pub fn impersonated(sa: &str, namespace: Option<&str>) -> Result<String, String> {
     let (ns, name) = match sa.split_once('/') {
         Some((ns, name)) => (ns, name),
         None => match namespace {

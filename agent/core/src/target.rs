@@ -59,9 +59,22 @@ pub trait Target: Send + Sync {
     /// Removes a resource that the inventory says sluice created.
     async fn delete(&self, id: &ResourceId) -> Result<(), TargetError>;
 
-    /// Traffic splitting, for targets that can run two versions of a
-    /// resource at once (canary, blue-green). None: every change is
-    /// applied directly.
+    /// Waits until one of `ids` may have changed, for at most `max`, so a
+    /// gate need not poll: Some(true) when something changed (or the
+    /// target lost track and the caller must look again), Some(false)
+    /// when `max` passed quietly. None: this target cannot tell (the
+    /// default), and the caller polls.
+    async fn changed(&self, _ids: &[ResourceId], _max: std::time::Duration) -> Option<bool> {
+        None
+    }
+
+    /// Who each resource is read, written and deleted as, where the target
+    /// acts for someone else (Kubernetes: the ServiceAccount named by
+    /// `serviceAccountName`, impersonated). Called with everything a
+    /// render concerns before it is observed; a resource not named keeps
+    /// what the target last heard, else its own default.
+    fn act_as(&self, _users: &BTreeMap<ResourceId, String>) {}
+
     /// Repairs the target's own machinery between reconciles (on the
     /// host: a process whose supervisor died is adopted by a new one). The
     /// instances repaired, for the log.
@@ -69,6 +82,9 @@ pub trait Target: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Traffic splitting, for targets that can run two versions of a
+    /// resource at once (canary, blue-green). None: every change is
+    /// applied directly.
     fn traffic(&self) -> Option<&dyn crate::traffic::Traffic> {
         None
     }

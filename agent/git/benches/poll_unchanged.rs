@@ -11,6 +11,8 @@
 //! `cargo bench -p sluice-git --bench poll_unchanged`. Installs nginx-light
 //! and fcgiwrap with apt-get when missing (as root). Prints figures only.
 
+#[path = "../../../tests/common/ports.rs"]
+mod ports;
 #[path = "../../../tests/common/servers.rs"]
 mod servers;
 

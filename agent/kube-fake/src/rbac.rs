@@ -141,6 +141,16 @@ pub fn allowed(user: &User, a: &Attributes, store: &Store) -> bool {
     if matches!(user, User::Admin) {
         return true;
     }
+    // The bootstrap ClusterRoleBinding system:discovery lets every
+    // authenticated user read the discovery documents.
+    if a.resource.is_empty()
+        && a.verb == "get"
+        && ["/api", "/apis", "/version"]
+            .iter()
+            .any(|p| a.path == *p || a.path.starts_with(&format!("{p}/")))
+    {
+        return true;
+    }
     let groups = user.groups();
     let is_subject = |binding: &Value| {
         binding["subjects"]

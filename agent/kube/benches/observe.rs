@@ -32,7 +32,7 @@ async fn main() {
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, fake.kubeconfig(&["bench"])).unwrap();
     let cluster = Arc::new(Cluster::connect(Some(&path), Some("bench")).await.unwrap());
-    let target = KubeTarget::new("bench", cluster.clone());
+    let target = KubeTarget::new("bench", cluster.clone(), None);
     let ids: Vec<ResourceId> = (0..n)
         .map(|i| ResourceId {
             target: "bench".into(),

@@ -59,6 +59,12 @@ impl HttpRouteTraffic {
             .unwrap_or_else(|| self.cluster.default_namespace().to_string())
     }
 
+    /// The client that reads and deletes the objects of the split of `id`:
+    /// as the identity `id` is written as (its `serviceAccountName`).
+    fn client(&self, id: &ResourceId) -> Result<Arc<Cluster>, TargetError> {
+        self.applier.reader(self.applier.user(id).as_deref())
+    }
+
     async fn kinds(&self) -> Option<(Kind, Kind, Kind)> {
         let d = self.cluster.resolve("apps/v1", "Deployment").await.ok()??;
         let s = self.cluster.resolve("v1", "Service").await.ok()??;
@@ -66,10 +72,18 @@ impl HttpRouteTraffic {
         Some((d, s, r))
     }
 
-    /// The routes in `ns` with a backendRef to Service `service`.
-    async fn routes(&self, route: &Kind, ns: &str, service: &str) -> Result<Vec<Value>, String> {
+    /// The routes in `ns` with a backendRef to Service `service` (of the
+    /// resource `id`).
+    async fn routes(
+        &self,
+        id: &ResourceId,
+        route: &Kind,
+        ns: &str,
+        service: &str,
+    ) -> Result<Vec<Value>, String> {
         let all = self
-            .cluster
+            .client(id)
+            .map_err(|e| e.to_string())?
             .list(route, Some(ns), "")
             .await
             .map_err(|e| e.to_string())?;
@@ -94,9 +108,9 @@ impl HttpRouteTraffic {
             .await
             .map_err(|e| self.fail(id, e))?
             .ok_or_else(|| self.fail(id, "the cluster no longer serves HTTPRoute"))?;
+        let client = self.client(id)?;
         for name in &split.routes {
-            let live = self
-                .cluster
+            let live = client
                 .get(&route_kind, Some(&ns), name)
                 .await
                 .map_err(|e| self.fail(id, e))?
@@ -158,9 +172,9 @@ impl HttpRouteTraffic {
         within: Option<Duration>,
     ) -> Result<(), TargetError> {
         let mut deadline = None;
+        let client = self.client(id)?;
         loop {
-            let obj = self
-                .cluster
+            let obj = client
                 .get(kind, Some(ns), name)
                 .await
                 .map_err(|e| self.fail(id, e))?
@@ -186,8 +200,9 @@ impl HttpRouteTraffic {
         let id = &split.resource;
         let ns = self.namespace(id);
         if let Some((d, s, _)) = self.kinds().await {
+            let client = self.client(id)?;
             for kind in [&d, &s] {
-                self.cluster
+                client
                     .delete(kind, Some(&ns), &split.canary)
                     .await
                     .map_err(|e| TargetError::Delete {
@@ -231,7 +246,10 @@ impl Traffic for HttpRouteTraffic {
             return false;
         };
         let ns = self.namespace(&r.id);
-        let Ok(Some(live)) = self.cluster.get(&d, Some(&ns), &r.id.name).await else {
+        let Ok(client) = self.client(&r.id) else {
+            return false;
+        };
+        let Ok(Some(live)) = client.get(&d, Some(&ns), &r.id.name).await else {
             return false;
         };
         // Only a new pod template is a new version worth a canary.
@@ -243,13 +261,10 @@ impl Traffic for HttpRouteTraffic {
         if template == r.body["spec"]["template"] {
             return false;
         }
-        if !matches!(
-            self.cluster.get(&s, Some(&ns), &r.id.name).await,
-            Ok(Some(_))
-        ) {
+        if !matches!(client.get(&s, Some(&ns), &r.id.name).await, Ok(Some(_))) {
             return false;
         }
-        matches!(self.routes(&route, &ns, &r.id.name).await, Ok(routes) if !routes.is_empty())
+        matches!(self.routes(&r.id, &route, &ns, &r.id.name).await, Ok(routes) if !routes.is_empty())
     }
 
     async fn stage(&self, r: &DesiredResource) -> Result<Split, TargetError> {
@@ -263,7 +278,7 @@ impl Traffic for HttpRouteTraffic {
         let ns = self.namespace(id);
         let canary = format!("{}{CANARY_SUFFIX}", id.name);
         let service = self
-            .cluster
+            .client(id)?
             .get(&s, Some(&ns), &id.name)
             .await
             .map_err(|e| self.fail(id, e))?
@@ -326,12 +341,12 @@ impl Traffic for HttpRouteTraffic {
                     r.impersonate.as_deref(),
                 )
                 .await
-                .map_err(|e| apply_error(id, kind, e))?;
+                .map_err(|e| apply_error(id, kind, r.impersonate.as_deref(), e))?;
         }
         self.wait_healthy(id, &d, &ns, &canary, r.start_timeout)
             .await?;
         let routes: Vec<String> = self
-            .routes(&route, &ns, &id.name)
+            .routes(id, &route, &ns, &id.name)
             .await
             .map_err(|e| self.fail(id, e))?
             .iter()

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, WatchEvent, WatchParams,
+};
 use kube::core::ApiResource;
 use kube::Client;
 use serde_json::Value;
@@ -91,6 +93,20 @@ impl From<kube::Error> for KubeError {
             other => KubeError::Transport(other.to_string()),
         }
     }
+}
+
+/// Objects per LIST page (client-go's pager uses 500 too).
+const PAGE: u32 = 500;
+
+/// How a watch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// A watched object was added, changed or deleted.
+    Changed,
+    /// Nothing happened to the watched objects until the time was up.
+    Quiet,
+    /// The starting version was too old (410 inside the stream).
+    Expired,
 }
 
 /// A kind as the API server serves it.
@@ -385,27 +401,106 @@ impl Cluster {
         Ok(obj.map(to_json))
     }
 
+    /// Every object of `kind` in `namespace` (all namespaces: None)
+    /// matching `selector`, read in pages of [`PAGE`] so a namespace with
+    /// thousands of objects never comes back as one huge answer.
     pub async fn list(
         &self,
         kind: &Kind,
         namespace: Option<&str>,
         selector: &str,
     ) -> Result<Vec<Value>, KubeError> {
+        Ok(self.list_at(kind, namespace, selector, "").await?.0)
+    }
+
+    /// As [`Cluster::list`] with a field selector too (`metadata.name=x`),
+    /// and the list's resourceVersion: the point a watch starts from.
+    pub async fn list_at(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        selector: &str,
+        fields: &str,
+    ) -> Result<(Vec<Value>, String), KubeError> {
         let api = self.api(kind, namespace);
-        let lp = ListParams::default().labels(selector);
-        let list = self.call("list", || api.list(&lp)).await?;
-        // List items come without apiVersion and kind: put them back, so
-        // an item reads like a GET of the same object.
-        Ok(list
-            .items
-            .into_iter()
-            .map(|o| {
+        let mut items = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut lp = ListParams::default().labels(selector).limit(PAGE);
+            if !fields.is_empty() {
+                lp = lp.fields(fields);
+            }
+            if let Some(t) = &token {
+                lp = lp.continue_token(t);
+            }
+            let page = self.call("list", || api.list(&lp)).await?;
+            let version = page.metadata.resource_version.clone().unwrap_or_default();
+            // List items come without apiVersion and kind: put them back,
+            // so an item reads like a GET of the same object.
+            items.extend(page.items.into_iter().map(|o| {
                 let mut v = to_json(o);
                 v["apiVersion"] = Value::String(kind.resource.api_version.clone());
                 v["kind"] = Value::String(kind.resource.kind.clone());
                 v
-            })
-            .collect())
+            }));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(next) => token = Some(next),
+                None => return Ok((items, version)),
+            }
+        }
+    }
+
+    /// Watches `kind` in `namespace` from `version` for at most `max`:
+    /// returns as soon as an object named in `names` (all, if empty) is
+    /// added, changed or deleted. Bookmarks move the watch on quietly; a
+    /// 410 inside the stream (the version is older than the server keeps)
+    /// is [`Watched::Expired`]: the caller lists again and watches from
+    /// the new version, as client-go's reflector does.
+    pub async fn watch(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        names: &[String],
+        version: &str,
+        max: Duration,
+    ) -> Result<Watched, KubeError> {
+        use futures_util::StreamExt;
+        let api = self.api(kind, namespace);
+        // The server ends the stream a little after `max`; the deadline
+        // here is `max` itself, to the millisecond.
+        let secs = (max.as_secs() + 2).min(3600) as u32;
+        let mut wp = WatchParams::default().timeout(secs);
+        if let [one] = names {
+            wp = wp.fields(&format!("metadata.name={one}"));
+        }
+        self.limiter.take().await;
+        let stream = api.watch(&wp, version).await.map_err(KubeError::from)?;
+        let mut stream = std::pin::pin!(stream);
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) | Ok(None) => return Ok(Watched::Quiet),
+                Ok(Some(e)) => e.map_err(KubeError::from)?,
+            };
+            let obj = match next {
+                WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => o,
+                WatchEvent::Bookmark(_) => continue,
+                WatchEvent::Error(s) if s.code == 410 => return Ok(Watched::Expired),
+                WatchEvent::Error(s) => {
+                    return Err(KubeError::Api {
+                        code: s.code,
+                        reason: s.reason.clone(),
+                        message: s.message.clone(),
+                        causes: Vec::new(),
+                    })
+                }
+            };
+            let name = obj.metadata.name.clone().unwrap_or_default();
+            if names.is_empty() || names.contains(&name) {
+                debug!(kind = %kind.resource.kind, name, "watch: changed");
+                return Ok(Watched::Changed);
+            }
+        }
     }
 
     /// Server-side apply of `body` with sluice's field manager; unknown

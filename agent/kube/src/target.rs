@@ -30,9 +30,9 @@ use serde_json::{json, Value};
 use sluice_core::model::TargetKind;
 use sluice_core::resource::{DesiredResource, Health, LiveResource, ResourceId};
 use sluice_core::target::{Target, TargetError};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::client::{Cluster, Kind, KubeError, FIELD_MANAGER};
+use crate::client::{Cluster, Kind, KubeError, Watched, FIELD_MANAGER};
 use crate::health::health;
 
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -45,9 +45,24 @@ pub const FORCE_ANNOTATION: &str = "sluice.dev/force-conflicts";
 /// instead of GETting each.
 const LIST_AT: usize = 3;
 
+/// Dry runs in flight at once (each still takes its token from the rate
+/// budget): with a budget to spare, a large commit is checked in a
+/// fraction of the time.
+const DRY_RUNS: usize = 8;
+
 pub struct KubeTarget {
     applier: Applier,
     traffic: crate::canary::HttpRouteTraffic,
+    /// What the last observe saw, so a gate can watch from there: each
+    /// object's resourceVersion, and per (kind, namespace) read with a
+    /// LIST the list's version (a point no older than the observe).
+    seen: std::sync::Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    objects: BTreeMap<ResourceId, String>,
+    lists: BTreeMap<(String, Option<String>), String>,
 }
 
 /// Writes manifests to one cluster as one target. The target and its
@@ -59,10 +74,19 @@ pub(crate) struct Applier {
     pub(crate) cluster: Arc<Cluster>,
     /// Clients that impersonate a service's ServiceAccount, by user.
     impersonated: Arc<std::sync::Mutex<BTreeMap<String, Arc<Cluster>>>>,
+    /// Who each object is read, written and deleted as (the user a
+    /// `serviceAccountName` stands for), as the engine last said.
+    users: Arc<std::sync::Mutex<BTreeMap<ResourceId, String>>>,
+    /// The target's own `serviceAccountName`, for objects no render named.
+    service_account: Option<String>,
+    /// Per object, the digest of the body and identity the API server
+    /// last accepted from this agent (a dry run or an apply): the same
+    /// content need not be dry-run again.
+    accepted: Arc<std::sync::Mutex<BTreeMap<ResourceId, String>>>,
 }
 
 impl Applier {
-    fn unavailable(&self, e: impl std::fmt::Display) -> TargetError {
+    pub(crate) fn unavailable(&self, e: impl std::fmt::Display) -> TargetError {
         TargetError::Unavailable {
             target: self.target.clone(),
             reason: e.to_string(),
@@ -107,6 +131,40 @@ impl Applier {
             .await
     }
 
+    /// Who `id` is read and deleted as; None: sluice itself.
+    pub(crate) fn user(&self, id: &ResourceId) -> Option<String> {
+        if let Some(u) = self.users.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Some(u.clone());
+        }
+        let sa = self.service_account.as_deref()?;
+        sluice_core::render::impersonated(sa, id.namespace.as_deref()).ok()
+    }
+
+    /// The client that reads and deletes as `user`.
+    pub(crate) fn reader(&self, user: Option<&str>) -> Result<Arc<Cluster>, TargetError> {
+        self.cluster_for(user).map_err(|e| self.unavailable(e))
+    }
+
+    fn digest(r: &DesiredResource) -> String {
+        sluice_core::resource::digest_of(&(&r.body, &r.service, &r.impersonate))
+    }
+
+    /// Whether the server accepted exactly this content before.
+    fn accepted(&self, r: &DesiredResource) -> bool {
+        self.accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&r.id)
+            .is_some_and(|d| *d == Self::digest(r))
+    }
+
+    fn accept(&self, r: &DesiredResource) {
+        self.accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.id.clone(), Self::digest(r));
+    }
+
     /// The client that writes as `user` (sluice itself when None).
     fn cluster_for(&self, user: Option<&str>) -> Result<Arc<Cluster>, KubeError> {
         let Some(user) = user else {
@@ -123,15 +181,21 @@ impl Applier {
 }
 
 impl KubeTarget {
-    pub fn new(name: &str, cluster: Arc<Cluster>) -> Self {
+    /// The target `name` on `cluster`, acting as `service_account` (the
+    /// target's `serviceAccountName`) where no service names its own.
+    pub fn new(name: &str, cluster: Arc<Cluster>, service_account: Option<String>) -> Self {
         let applier = Applier {
             target: name.to_string(),
             cluster,
             impersonated: Default::default(),
+            users: Default::default(),
+            service_account,
+            accepted: Default::default(),
         };
         KubeTarget {
             traffic: crate::canary::HttpRouteTraffic::new(applier.clone()),
             applier,
+            seen: Default::default(),
         }
     }
 
@@ -230,13 +294,18 @@ pub fn sluice_fields(obj: &Value) -> Value {
 }
 
 /// The error for a refused apply, naming fields, managers and the way out.
-pub(crate) fn apply_error(id: &ResourceId, kind: &Kind, e: KubeError) -> TargetError {
+pub(crate) fn apply_error(
+    id: &ResourceId,
+    kind: &Kind,
+    user: Option<&str>,
+    e: KubeError,
+) -> TargetError {
     match e {
         // RBAC: name the rule that would allow it (the real server's
         // message for a create through apply names no verb at all).
         KubeError::Api { code: 403, message, .. } => TargetError::Apply {
             id: id.to_string(),
-            reason: format!("{message} {}", rbac_hint(kind, "write")),
+            reason: format!("{message} {}", rbac_hint(kind, "write", user)),
         },
         KubeError::Api {
             code: 409, causes, ..
@@ -284,13 +353,27 @@ pub(crate) fn apply_error(id: &ResourceId, kind: &Kind, e: KubeError) -> TargetE
     }
 }
 
-/// What to add to sluice's role when the API server refused it `kind`.
-fn rbac_hint(kind: &Kind, what: &str) -> String {
+/// What to add, and where, when the API server refused `kind` to `user`
+/// (sluice's own identity when None).
+fn rbac_hint(kind: &Kind, what: &str, user: Option<&str>) -> String {
     let r = &kind.resource;
-    format!(
-        "(sluice's identity may not {what} {}: add to its ClusterRole, manifests/rbac.yaml, the rule {{apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [get, list, create, patch, update, delete]}})",
-        r.kind, r.group, r.plural
-    )
+    let rule = format!(
+        "{{apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [get, list, watch, create, patch, update, delete]}}",
+        r.group, r.plural
+    );
+    match user.and_then(|u| u.strip_prefix("system:serviceaccount:")) {
+        Some(sa) => {
+            let (ns, name) = sa.split_once(':').unwrap_or(("", sa));
+            format!(
+                "(ServiceAccount {ns}/{name}, which sluice acts as here (serviceAccountName), may not {what} {}: add to a Role bound to it the rule {rule})",
+                r.kind
+            )
+        }
+        None => format!(
+            "(sluice's own identity may not {what} {}: name a serviceAccountName for this service or target (README: RBAC, two modes), or add to the ClusterRole of manifests/optional/cluster-wide.yaml the rule {rule})",
+            r.kind
+        ),
+    }
 }
 
 /// `body` marked as sluice's, for `target` and `service`.
@@ -337,7 +420,7 @@ impl Applier {
         })?;
         self.apply_as(&kind, id, service, body, false, user)
             .await
-            .map_err(|e| apply_error(id, &kind, e))
+            .map_err(|e| apply_error(id, &kind, user, e))
     }
 }
 
@@ -358,34 +441,39 @@ impl Target for KubeTarget {
         &self,
         ids: &[ResourceId],
     ) -> Result<BTreeMap<ResourceId, LiveResource>, TargetError> {
-        let observe_err = |id: &str, kind: &Kind, e: KubeError| TargetError::Observe {
-            target: self.applier.target.clone(),
-            reason: match e.code() {
-                Some(403) => format!("{id}: {e} {}", rbac_hint(kind, "read")),
-                _ => format!("{id}: {e}"),
-            },
-        };
-        let mut groups: BTreeMap<(String, Option<String>), Vec<&ResourceId>> = BTreeMap::new();
+        let observe_err =
+            |id: &str, kind: &Kind, user: Option<&str>, e: KubeError| TargetError::Observe {
+                target: self.applier.target.clone(),
+                reason: match e.code() {
+                    Some(403) => format!("{id}: {e} {}", rbac_hint(kind, "read", user)),
+                    _ => format!("{id}: {e}"),
+                },
+            };
+        let mut groups: BTreeMap<(String, Option<String>, Option<String>), Vec<&ResourceId>> =
+            BTreeMap::new();
         for id in ids.iter().filter(|id| id.target == self.applier.target) {
             groups
-                .entry((id.kind.clone(), id.namespace.clone()))
+                .entry((id.kind.clone(), id.namespace.clone(), self.user(id)))
                 .or_default()
                 .push(id);
         }
         let mut out = BTreeMap::new();
-        for ((kind_name, namespace), members) in groups {
+        for ((kind_name, namespace, user), members) in groups {
             let Some(kind) = self.kind_of(members[0]).await? else {
                 continue;
             };
             let ns = self.applier.namespace(&kind, namespace.as_deref());
+            let cluster = self.reader(user.as_deref())?;
+            let user = user.as_deref();
             let mut found: BTreeMap<String, Value> = BTreeMap::new();
             if members.len() >= LIST_AT {
-                let items = self
-                    .applier
-                    .cluster
-                    .list(&kind, ns.as_deref(), "")
+                let (items, version) = cluster
+                    .list_at(&kind, ns.as_deref(), "", "")
                     .await
-                    .map_err(|e| observe_err(&kind_name, &kind, e))?;
+                    .map_err(|e| observe_err(&kind_name, &kind, user, e))?;
+                self.seen_lock()
+                    .lists
+                    .insert((kind_name.clone(), namespace.clone()), version);
                 for obj in items {
                     if let Some(name) = obj["metadata"]["name"].as_str() {
                         found.insert(name.to_string(), obj);
@@ -393,12 +481,10 @@ impl Target for KubeTarget {
                 }
             } else {
                 for id in &members {
-                    let obj = self
-                        .applier
-                        .cluster
+                    let obj = cluster
                         .get(&kind, ns.as_deref(), &id.name)
                         .await
-                        .map_err(|e| observe_err(&id.to_string(), &kind, e))?;
+                        .map_err(|e| observe_err(&id.to_string(), &kind, user, e))?;
                     if let Some(obj) = obj {
                         found.insert(id.name.clone(), obj);
                     }
@@ -406,8 +492,12 @@ impl Target for KubeTarget {
             }
             for id in members {
                 let Some(obj) = found.remove(&id.name) else {
+                    self.seen_lock().objects.remove(id);
                     continue;
                 };
+                if let Some(v) = obj["metadata"]["resourceVersion"].as_str() {
+                    self.seen_lock().objects.insert(id.clone(), v.to_string());
+                }
                 let (health, message) = if obj["metadata"]["deletionTimestamp"].is_string() {
                     (Health::Progressing, "being deleted".to_string())
                 } else {
@@ -429,45 +519,37 @@ impl Target for KubeTarget {
     }
 
     /// Dry-runs every apply: the API server validates each object (schema,
-    /// unknown fields, conflicts) before anything is changed. Objects whose
-    /// namespace or CRD the same commit creates are checked at apply time.
+    /// types, unknown fields, conflicts, RBAC) before anything is changed,
+    /// so a bad commit is rejected whole instead of failing mid-wave.
+    /// Objects whose namespace or CRD the same commit creates are checked
+    /// at apply time.
+    ///
+    /// # Cost
+    /// One request per changed object, [`DRY_RUNS`] at a time within the
+    /// rate budget; skipped for content the server accepted before (this
+    /// agent dry-ran or applied exactly this body as this identity: a
+    /// revert, a retry, a resumed rollout). A cold apply therefore sends
+    /// two requests per object where `kubectl apply --server-side` sends
+    /// one: the price of "nothing written unless everything is accepted".
     async fn prepare(&self, resources: &[&DesiredResource]) -> Result<(), TargetError> {
-        for r in resources {
-            let api_version = r.body["apiVersion"].as_str().unwrap_or_default();
-            let kind_name = r.body["kind"].as_str().unwrap_or_default();
-            let Some(kind) = self
-                .applier
-                .cluster
-                .resolve(api_version, kind_name)
-                .await
-                .map_err(|e| self.applier.unavailable(e))?
-            else {
-                continue;
-            };
-            match self
-                .applier
-                .apply_as(
-                    &kind,
-                    &r.id,
-                    &r.service,
-                    &r.body,
-                    true,
-                    r.impersonate.as_deref(),
-                )
-                .await
-            {
-                Ok(_) => {}
-                // The namespace comes with this commit.
-                Err(KubeError::Api { code: 404, .. }) => {}
-                Err(e) => {
-                    return Err(match apply_error(&r.id, &kind, e) {
-                        TargetError::Apply { id, reason } => TargetError::Prepare { id, reason },
-                        other => other,
-                    })
-                }
-            }
-        }
-        Ok(())
+        use futures_util::StreamExt;
+        let todo: Vec<&DesiredResource> = resources
+            .iter()
+            .copied()
+            .filter(|r| !self.applier.accepted(r))
+            .collect();
+        type Check<'a> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), TargetError>> + Send + 'a>,
+        >;
+        let checks: Vec<Check<'_>> = todo
+            .into_iter()
+            .map(|r| Box::pin(self.dry_run(r)) as Check<'_>)
+            .collect();
+        let results: Vec<Result<(), TargetError>> = futures_util::stream::iter(checks)
+            .buffered(DRY_RUNS)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     async fn apply(&self, resource: &DesiredResource) -> Result<(), TargetError> {
@@ -479,6 +561,7 @@ impl Target for KubeTarget {
                 resource.impersonate.as_deref(),
             )
             .await?;
+        self.applier.accept(resource);
         info!(target = %self.applier.target, resource = %resource.id, "applied");
         Ok(())
     }
@@ -488,7 +571,8 @@ impl Target for KubeTarget {
             return Ok(());
         };
         let ns = self.applier.namespace(&kind, id.namespace.as_deref());
-        let cluster = &self.applier.cluster;
+        let user = self.user(id);
+        let cluster = self.reader(user.as_deref())?;
         let live = cluster
             .get(&kind, ns.as_deref(), &id.name)
             .await
@@ -521,5 +605,156 @@ impl Target for KubeTarget {
 
     fn traffic(&self) -> Option<&dyn sluice_core::traffic::Traffic> {
         Some(&self.traffic)
+    }
+
+    fn act_as(&self, users: &BTreeMap<ResourceId, String>) {
+        self.applier
+            .users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(users.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    /// Watches the objects' kinds from what the last observe saw: one
+    /// WATCH per (kind, namespace) that ends at the first change to one
+    /// of `ids`, or quietly after `max`. A group read with GETs is listed
+    /// once first (by name, or its namespace) for a version to start from,
+    /// and if that list already differs from the observe, that is the
+    /// change. A version too old (410 in the stream) counts as a change:
+    /// the gate observes again, and the next wait lists afresh.
+    async fn changed(&self, ids: &[ResourceId], max: std::time::Duration) -> Option<bool> {
+        let mut groups: BTreeMap<(String, Option<String>, Option<String>), Vec<ResourceId>> =
+            BTreeMap::new();
+        for id in ids.iter().filter(|id| id.target == self.applier.target) {
+            groups
+                .entry((id.kind.clone(), id.namespace.clone(), self.user(id)))
+                .or_default()
+                .push(id.clone());
+        }
+        let waits: Vec<_> = groups
+            .into_iter()
+            .map(|(group, members)| Box::pin(self.watch_group(group, members, max)))
+            .collect();
+        if waits.is_empty() {
+            return None;
+        }
+        let (first, _, _) = futures_util::future::select_all(waits).await;
+        first
+    }
+}
+
+impl KubeTarget {
+    async fn dry_run(&self, r: &DesiredResource) -> Result<(), TargetError> {
+        let api_version = r.body["apiVersion"].as_str().unwrap_or_default();
+        let kind_name = r.body["kind"].as_str().unwrap_or_default();
+        let Some(kind) = self
+            .applier
+            .cluster
+            .resolve(api_version, kind_name)
+            .await
+            .map_err(|e| self.applier.unavailable(e))?
+        else {
+            return Ok(());
+        };
+        match self
+            .applier
+            .apply_as(
+                &kind,
+                &r.id,
+                &r.service,
+                &r.body,
+                true,
+                r.impersonate.as_deref(),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.applier.accept(r);
+                Ok(())
+            }
+            // The namespace comes with this commit.
+            Err(KubeError::Api { code: 404, .. }) => Ok(()),
+            Err(e) => Err(
+                match apply_error(&r.id, &kind, r.impersonate.as_deref(), e) {
+                    TargetError::Apply { id, reason } => TargetError::Prepare { id, reason },
+                    other => other,
+                },
+            ),
+        }
+    }
+
+    fn user(&self, id: &ResourceId) -> Option<String> {
+        self.applier.user(id)
+    }
+
+    fn reader(&self, user: Option<&str>) -> Result<Arc<Cluster>, TargetError> {
+        self.applier.reader(user)
+    }
+
+    fn seen_lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn watch_group(
+        &self,
+        (kind_name, namespace, user): (String, Option<String>, Option<String>),
+        members: Vec<ResourceId>,
+        max: std::time::Duration,
+    ) -> Option<bool> {
+        let kind = self.kind_of(&members[0]).await.ok().flatten()?;
+        let ns = self.applier.namespace(&kind, namespace.as_deref());
+        let names: Vec<String> = members.iter().map(|id| id.name.clone()).collect();
+        let cluster = self.reader(user.as_deref()).ok()?;
+        let listed = self
+            .seen_lock()
+            .lists
+            .remove(&(kind_name.clone(), namespace.clone()));
+        let version = match listed {
+            Some(v) => v,
+            None => {
+                let fields = match names.as_slice() {
+                    [one] => format!("metadata.name={one}"),
+                    _ => String::new(),
+                };
+                let (items, version) = match cluster
+                    .list_at(&kind, ns.as_deref(), "", &fields)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(target = %self.applier.target, kind = %kind_name, error = %e, "cannot list to watch; polling");
+                        return None;
+                    }
+                };
+                let now: BTreeMap<&str, &str> = items
+                    .iter()
+                    .filter_map(|o| {
+                        Some((
+                            o["metadata"]["name"].as_str()?,
+                            o["metadata"]["resourceVersion"].as_str()?,
+                        ))
+                    })
+                    .collect();
+                let seen = self.seen_lock();
+                let moved = members.iter().any(|id| {
+                    now.get(id.name.as_str()).copied() != seen.objects.get(id).map(String::as_str)
+                });
+                if moved {
+                    return Some(true);
+                }
+                version
+            }
+        };
+        match cluster
+            .watch(&kind, ns.as_deref(), &names, &version, max)
+            .await
+        {
+            Ok(Watched::Changed) | Ok(Watched::Expired) => Some(true),
+            Ok(Watched::Quiet) => Some(false),
+            Err(e) => {
+                debug!(target = %self.applier.target, kind = %kind_name, error = %e, "cannot watch; polling");
+                None
+            }
+        }
     }
 }
