@@ -117,32 +117,104 @@ fn a_crash_during_the_gate_of_a_bad_release_reverts_after_restart() {
     );
 }
 
+/// The releases the crash-point harness rolls out, each killed after every
+/// write of the store in turn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Release {
+    /// All three services move on; every gate passes.
+    Good,
+    /// orders (rolling, no canary) exits at start, after catalog's wave was
+    /// applied: caught by the crash-loop check, reverted.
+    FailedWave,
+    /// catalog is a canary that never becomes ready: the canary step fails
+    /// at its gate timeout, traffic stays on the baseline, reverted.
+    NeverReadyCanary,
+    /// catalog is a canary answering every request with an error while
+    /// clients send traffic through its route: the analysis aborts it,
+    /// reverted.
+    FailingCanary,
+}
+
+impl Release {
+    fn fails(self) -> bool {
+        self != Release::Good
+    }
+}
+
+/// A client loop through a route until stopped (the failing canary needs
+/// traffic to be judged).
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Traffic {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = http_get(port, "/");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Every write of the store during a rollout, one kill point each:
 /// `SLUICE_CRASH_AFTER_WRITE=N` aborts `sluice apply` right after its Nth
 /// write of the state or the history (no unwinding, children left running,
 /// as kill -9 would leave them), then a plain `sluice apply` restarts. A
-/// release of all three services in three waves; with `failing`, orders
-/// exits at start (caught by the crash-loop check) after catalog's wave
-/// was applied, so a kill can land between any two steps of the rollout,
+/// release of all three services in three waves (see [`Release`]), so a
+/// kill can land between any two steps of the rollout, a canary's steps,
 /// the failure, the revert and their records. After each kill point:
-/// every service answers one commit's version (the release's, or the last
-/// good one's when it fails), one process per service, nothing in
-/// progress, and each deploy and revert in the history exactly once.
-/// Returns the number of kill points.
-fn kill_after_each_write(failing: bool) -> usize {
+/// every service answers one commit's version through its route, five
+/// times out of five (the release's, or the last good one's when it
+/// fails), one process and one supervisor per service and one router, the
+/// status healthy with nothing in progress, and each deploy and revert in
+/// the history exactly once. Returns the number of kill points.
+fn kill_after_each_write(release: Release) -> usize {
     let shop = Shop::new(&["1.0.0"; 3]);
-    assert_eq!(shop.sluice(&["apply"]).code, 0);
-    if failing {
+    if matches!(release, Release::NeverReadyCanary | Release::FailingCanary) {
         shop.edit(
-            "services/orders/orders.yaml",
+            "sluice.yaml",
+            "  catalog:\n    path: services/catalog\n",
+            "  catalog:\n    path: services/catalog\n    strategy: canary\n    gateTimeout: 3s\n    canary:\n      steps: [50, 100]\n      interval: 1s\n    analysis:\n      minRequests: 20\n",
+        );
+        shop.commit("catalog is a canary");
+    }
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let flag = match release {
+        Release::Good => None,
+        Release::FailedWave => Some(("orders", "\"--fail-start\",")),
+        Release::NeverReadyCanary => Some(("catalog", "\"--never-ready\",")),
+        Release::FailingCanary => Some(("catalog", "\"--error-rate\", \"1.0\",")),
+    };
+    if let Some((service, flag)) = flag {
+        shop.edit(
+            &format!("services/{service}/{service}.yaml"),
             "\"demo\",",
-            "\"demo\", \"--fail-start\",",
+            &format!("\"demo\", {flag}"),
         );
     }
-    let demo_processes = || {
+    let _traffic = (release == Release::FailingCanary).then(|| Traffic::start(shop.ports["catalog"]));
+    let mine = |what: &str| {
         common::procs()
             .into_iter()
-            .filter(|p| p.cwd.starts_with(shop.tmp.path()) && p.args.iter().any(|a| a == "demo"))
+            .filter(|p| p.cwd.starts_with(shop.tmp.path()) && p.args.iter().any(|a| a == what))
             .count()
     };
     let mut crashed_at = Vec::new();
@@ -162,41 +234,46 @@ fn kill_after_each_write(failing: bool) -> usize {
             let again = shop.sluice(&["apply"]);
             assert!(
                 matches!(again.code, 0 | 1),
-                "after write {n}: {}",
+                "{release:?}, after write {n}: {}",
                 again.all()
             );
         } else {
             assert_eq!(
                 out.code,
-                i32::from(failing),
-                "write {n} is past the last: {}",
+                i32::from(release.fails()),
+                "{release:?}: write {n} is past the last: {}",
                 out.all()
             );
         }
-        let want = if failing { "1.0.0" } else { version.as_str() };
+        let want = if release.fails() { "1.0.0" } else { version.as_str() };
         for s in common::SERVICES {
-            assert_eq!(
-                shop.get_json(s, "/")["version"],
-                want,
-                "{s} after a kill at write {n}"
-            );
+            for _ in 0..5 {
+                assert_eq!(
+                    shop.get_json(s, "/")["version"],
+                    want,
+                    "{release:?}: {s} after a kill at write {n}"
+                );
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while demo_processes() != 3 && Instant::now() < deadline {
+        while (mine("demo"), mine("supervise")) != (3, 4) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(
-            demo_processes(),
-            3,
-            "duplicate or missing processes after write {n}"
+            (mine("demo"), mine("supervise")),
+            (3, 4),
+            "{release:?}: duplicate or missing processes or supervisors after write {n}"
         );
         let status = shop.sluice(&["status", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
         assert!(
             v["inProgress"].is_null(),
-            "after write {n}: {}",
+            "{release:?}, after write {n}: {}",
             status.stdout
         );
+        for r in v["resources"]["local"].as_array().unwrap() {
+            assert_eq!(r["health"], "healthy", "{release:?}, after write {n}: {r}");
+        }
         let history = v["history"].as_array().unwrap();
         let count = |kind: &str, outcome: &str| {
             history
@@ -205,23 +282,19 @@ fn kill_after_each_write(failing: bool) -> usize {
                 .count()
         };
         let n = n as usize;
-        let (failed, reverts, succeeded) = if failing { (n, n, 1) } else { (0, 0, n + 1) };
+        let (failed, reverts, succeeded) = if release.fails() {
+            (n, n, 1)
+        } else {
+            (0, 0, n + 1)
+        };
         assert_eq!(
-            count("deploy", "failed"),
-            failed,
-            "after write {n}: {}",
-            status.stdout
-        );
-        assert_eq!(
-            count("revert", "succeeded"),
-            reverts,
-            "after write {n}: {}",
-            status.stdout
-        );
-        assert_eq!(
-            count("deploy", "succeeded"),
-            succeeded,
-            "after write {n}: {}",
+            (
+                count("deploy", "failed"),
+                count("revert", "succeeded"),
+                count("deploy", "succeeded")
+            ),
+            (failed, reverts, succeeded),
+            "{release:?}, after write {n}: {}",
             status.stdout
         );
         if !crashed {
@@ -237,14 +310,26 @@ fn kill_after_each_write(failing: bool) -> usize {
 
 #[test]
 fn a_failed_rollout_killed_after_each_store_write_converges() {
-    let points = kill_after_each_write(true);
-    eprintln!("failed rollout: {points} kill points tried, all converged");
+    let points = kill_after_each_write(Release::FailedWave);
+    eprintln!("failed wave: {points} kill points tried, all converged");
 }
 
 #[test]
 fn a_good_rollout_killed_after_each_store_write_converges() {
-    let points = kill_after_each_write(false);
+    let points = kill_after_each_write(Release::Good);
     eprintln!("good rollout: {points} kill points tried, all converged");
+}
+
+#[test]
+fn a_never_ready_canary_killed_after_each_store_write_converges() {
+    let points = kill_after_each_write(Release::NeverReadyCanary);
+    eprintln!("never-ready canary: {points} kill points tried, all converged");
+}
+
+#[test]
+fn a_canary_failing_analysis_killed_after_each_store_write_converges() {
+    let points = kill_after_each_write(Release::FailingCanary);
+    eprintln!("canary failing analysis: {points} kill points tried, all converged");
 }
 
 /// A damaged store is said, not silent: an unreadable history line is
