@@ -210,7 +210,8 @@ fn kill_after_each_write(release: Release) -> usize {
             &format!("\"demo\", {flag}"),
         );
     }
-    let _traffic = (release == Release::FailingCanary).then(|| Traffic::start(shop.ports["catalog"]));
+    let _traffic =
+        (release == Release::FailingCanary).then(|| Traffic::start(shop.ports["catalog"]));
     let mine = |what: &str| {
         common::procs()
             .into_iter()
@@ -245,7 +246,11 @@ fn kill_after_each_write(release: Release) -> usize {
                 out.all()
             );
         }
-        let want = if release.fails() { "1.0.0" } else { version.as_str() };
+        let want = if release.fails() {
+            "1.0.0"
+        } else {
+            version.as_str()
+        };
         for s in common::SERVICES {
             for _ in 0..5 {
                 assert_eq!(

@@ -1591,3 +1591,103 @@ fn health_gates_wait_on_watches_and_time_out_at_the_gate_timeout() {
     assert!(watches >= 1, "no watch while waiting for web 1.1.0");
     assert_eq!(c.image("web"), "registry.example.com/shop/web:1.0.0");
 }
+
+/// The crash-point harness on the Kubernetes target, against the fake API
+/// server: a release of api and web (two waves), then for every write N
+/// of the store, the same kind of release killed right after write N
+/// (`SLUICE_CRASH_AFTER_WRITE`, as kill -9 would leave it) and a plain
+/// `apply` to restart. `failing`: web's new image never becomes available,
+/// so the gate fails and both waves are reverted. After each kill point:
+/// both Deployments run one commit's image, nothing is in progress, and
+/// each deploy and revert is in the history exactly once. Returns the
+/// number of kill points.
+fn kube_kill_after_each_write(failing: bool) -> usize {
+    let c = Cluster::new();
+    c.write(
+        "sluice.yaml",
+        &TOPOLOGY.replace("gateTimeout: 4s", "gateTimeout: 1s"),
+    );
+    c.commit("shop 1.0.0");
+    assert_eq!(c.sluice(&["apply"]).code, 0);
+    let mut crashed_at = Vec::new();
+    for n in 1..200u32 {
+        let version = format!("2.0.{n}");
+        if failing {
+            c.fake.fail_images(&format!("web:{version}"));
+        }
+        c.write("api/api.yaml", &api(&version));
+        c.write("web/web.yaml", &web(&version));
+        c.commit(&format!("release {version}"));
+        let mut cmd = c.command("apply", "state");
+        cmd.env("SLUICE_CRASH_AFTER_WRITE", n.to_string());
+        let out = run_with_timeout(cmd, Duration::from_secs(120));
+        let crashed = !matches!(out.code, 0..=2);
+        if crashed {
+            crashed_at.push(n);
+            let again = c.sluice(&["apply"]);
+            assert!(
+                matches!(again.code, 0 | 1),
+                "after write {n}: {}",
+                again.all()
+            );
+        } else {
+            assert_eq!(
+                out.code,
+                i32::from(failing),
+                "write {n} is past the last: {}",
+                out.all()
+            );
+        }
+        let want = if failing { "1.0.0" } else { version.as_str() };
+        for name in ["api", "web"] {
+            assert_eq!(
+                c.image(name),
+                format!("registry.example.com/shop/{name}:{want}"),
+                "{name} after a kill at write {n}"
+            );
+        }
+        let status = c.sluice(&["status", "-o", "json"]);
+        let v: Value = serde_json::from_str(&status.stdout).unwrap();
+        assert!(
+            v["inProgress"].is_null(),
+            "after write {n}: {}",
+            status.stdout
+        );
+        let history = v["history"].as_array().unwrap();
+        let count = |kind: &str, outcome: &str| {
+            history
+                .iter()
+                .filter(|e| e["kind"] == kind && e["outcome"] == outcome)
+                .count()
+        };
+        let n = n as usize;
+        let want = if failing { (n, n, 1) } else { (0, 0, n + 1) };
+        assert_eq!(
+            (
+                count("deploy", "failed"),
+                count("revert", "succeeded"),
+                count("deploy", "succeeded")
+            ),
+            want,
+            "after write {n}: {}",
+            status.stdout
+        );
+        if !crashed {
+            break;
+        }
+    }
+    assert!(
+        crashed_at.len() >= 5,
+        "too few store writes: {crashed_at:?}"
+    );
+    crashed_at.len()
+}
+
+#[test]
+fn a_kubernetes_rollout_killed_after_each_store_write_converges() {
+    let good = kube_kill_after_each_write(false);
+    let failing = kube_kill_after_each_write(true);
+    eprintln!(
+        "kubernetes: good release {good}, failing release {failing} kill points, all converged"
+    );
+}

@@ -158,7 +158,10 @@ fn main() {
         .unwrap_or(0);
     let gate = &log[applied + 1..];
     let watches = gate.iter().filter(|l| l.watch).count();
-    let reads = gate.iter().filter(|l| l.method == "GET" && !l.watch).count();
+    let reads = gate
+        .iter()
+        .filter(|l| l.method == "GET" && !l.watch)
+        .count();
     println!(
         "one Deployment and its Namespace, soak 10s: {secs:.1} s, {requests} requests in all (discovery, dry runs, applies, gates); during the Deployment's gate and soak: {} requests ({reads} reads, {watches} watches)",
         gate.len()
