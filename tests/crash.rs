@@ -363,3 +363,122 @@ fn a_damaged_store_is_reported() {
         out.all()
     );
 }
+
+/// An unreadable state.json is moved aside, not fatal and not silent: the
+/// next apply rebuilds the inventory from what the host target recorded
+/// applying (its own records, its running instances), so a File the new
+/// commit removes is still pruned; the last good commit comes back from
+/// the history. Status says so while it lasts; nothing is lost.
+#[test]
+fn an_unreadable_state_is_moved_aside_and_the_inventory_rebuilt() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.write(
+        "services/web/banner.yaml",
+        &shop.file_manifest("banner", "banner.txt", "hello"),
+    );
+    shop.commit("banner");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let banner = shop.file_root().join("local/banner.txt");
+    assert!(banner.exists(), "{}", banner.display());
+    std::fs::write(shop.state().join("state.json"), "{\"targets\": [garbage").unwrap();
+    // Before the agent runs again, status names the damage.
+    let out = shop.sluice(&["status"]);
+    assert!(out.all().contains("state.json"), "{}", out.all());
+    shop.remove("services/web/banner.yaml");
+    shop.commit("no banner");
+    let out = shop.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stderr.contains("state store unreadable")
+            && out.stderr.contains("inventory rebuilt from the marks"),
+        "{}",
+        out.all()
+    );
+    assert!(!banner.exists(), "the removed File was not pruned");
+    let aside: Vec<_> = std::fs::read_dir(shop.state())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.unreadable-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged state was not kept aside");
+    let status = shop.sluice(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(v["storeLost"].is_null(), "{}", status.stdout);
+    assert!(
+        v["targets"]["local"]["lastGood"]["commit"].is_string(),
+        "{}",
+        status.stdout
+    );
+    assert_eq!(
+        common::history_kinds(&v),
+        ["deploy:succeeded", "deploy:succeeded"],
+        "{}",
+        status.stdout
+    );
+}
+
+/// Damaged records of the host target are repaired from what runs, never
+/// read as "nothing": with web's instance record and the resource records
+/// emptied, a release of catalog keeps web routed (every request through
+/// its route answered), starts no second web, and the records come back.
+#[test]
+fn emptied_instance_and_resource_records_are_repaired_from_what_runs() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let web = shop.service_pids()["web"];
+    let instances = shop.state().join("host/local/instances");
+    let web_record = std::fs::read_dir(&instances)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            n.starts_with("web") && n.ends_with(".json") && !n.ends_with(".state.json")
+        })
+        .expect("web's instance record");
+    std::fs::write(&web_record, "").unwrap();
+    std::fs::write(shop.state().join("host/local/resources.json"), "").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (stop, port) = (stop.clone(), shop.ports["web"]);
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http_get(port, "/") {
+                    Ok((200, _)) => ok += 1,
+                    _ => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        })
+    };
+    shop.set_versions(&["2.0.0", "1.0.0", "1.0.0"]);
+    shop.commit("catalog 2.0.0");
+    let out = shop.sluice(&["apply"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = probe.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(ok > 20, "{ok} requests answered");
+    assert_eq!(
+        failed,
+        0,
+        "web's route failed {failed} of {} requests\n{}",
+        ok + failed,
+        out.all()
+    );
+    assert!(
+        out.stderr.contains("resource records unreadable"),
+        "{}",
+        out.all()
+    );
+    assert_eq!(shop.service_pids()["web"], web, "web was started again");
+    assert_eq!(shop.get_json("catalog", "/")["version"], "2.0.0");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&web_record).unwrap()).expect("record restored");
+    assert_eq!(record["resource"], "web");
+}

@@ -1691,3 +1691,40 @@ fn a_kubernetes_rollout_killed_after_each_store_write_converges() {
         "kubernetes: good release {good}, failing release {failing} kill points, all converged"
     );
 }
+
+/// A lost store on Kubernetes: with state.json deleted, the next apply
+/// rebuilds the inventory from the labels sluice put on what it applied
+/// (one LIST per kind), so a ConfigMap the new commit removes is still
+/// pruned, and an object someone else made is not touched.
+#[test]
+fn a_lost_store_is_rebuilt_from_the_inventory_labels() {
+    let c = Cluster::new();
+    c.commit("shop 1.0.0");
+    assert_eq!(c.sluice(&["apply"]).code, 0);
+    c.fake.create(
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "theirs", "namespace": "shop"}, "data": {"a": "b"}}),
+        "kubectl",
+    );
+    std::fs::remove_file(c.dir.path().join("state/state.json")).unwrap();
+    let api = std::fs::read_to_string(c.repo().join("api/api.yaml")).unwrap();
+    let without: Vec<&str> = api
+        .split("\n---\n")
+        .filter(|d| !d.contains("name: api-limits"))
+        .collect();
+    c.write("api/api.yaml", &without.join("\n---\n"));
+    c.commit("no api-limits");
+    let out = c.sluice(&["apply"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("inventory rebuilt from the marks"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        c.object("", "configmaps", "shop", "api-limits").is_none(),
+        "not pruned: {}",
+        out.all()
+    );
+    assert!(c.object("", "configmaps", "shop", "theirs").is_some());
+    assert!(c.object("", "configmaps", "shop", "api-config").is_some());
+}

@@ -283,6 +283,7 @@ pub fn status(format: Format, s: &Status) {
         return print_json(&json!({
             "source": s.state.source,
             "lastError": s.state.last_error,
+            "storeLost": s.state.lost,
             "inProgress": s.state.in_progress,
             "waiting": s.state.waiting,
             "drift": s.state.drift,
@@ -322,6 +323,12 @@ pub fn status_text(s: &Status) -> String {
     }
     if let Some(e) = &s.state.last_error {
         let _ = writeln!(out, "Last reconcile error: {e}");
+    }
+    if let Some(e) = &s.state.lost {
+        let _ = writeln!(
+            out,
+            "STORE LOST: {e}; nothing is pruned until the inventory is rebuilt from the live resources (at the next reconcile)"
+        );
     }
     if let Some(w) = &s.state.waiting {
         let _ = writeln!(

@@ -826,6 +826,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         );
     }
     if let Ok(state) = s.engine.store.load() {
+        let _ = writeln!(
+            out,
+            "# HELP sluice_store_inventory_lost 1 while the inventory is lost (state.json unreadable or gone) and pruning is refused, until it is rebuilt from the live resources.\n# TYPE sluice_store_inventory_lost gauge\nsluice_store_inventory_lost {}",
+            u8::from(state.lost.is_some())
+        );
         if let Some(scan) = &state.drift {
             let _ = writeln!(out, "# HELP sluice_drift_resources Resources that differ from the applied commit, at the last scan.\n# TYPE sluice_drift_resources gauge");
             for (target, items) in &scan.items {

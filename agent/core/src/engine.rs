@@ -141,6 +141,9 @@ pub struct Prepared {
     pub plan: Plan,
     /// The guardrails' findings (not evaluated for reverts).
     pub guard: guard::Report,
+    /// A lost inventory rebuilt from the live resources' marks, for the
+    /// write paths to save (read-only ones, `plan` and reports, do not).
+    pub rebuilt: Option<AgentState>,
 }
 
 /// Per target and resource, what `sluice status` shows.
@@ -355,6 +358,11 @@ impl Engine {
             }
             targets.insert(def.name.clone(), self.target(def)?);
         }
+        let rebuilt = match &state.lost {
+            Some(_) => Some(self.rebuild(state, &rendered, &targets).await),
+            None => None,
+        };
+        let state = rebuilt.as_ref().unwrap_or(state);
         let mut inventory = Inventory::new();
         let mut live = BTreeMap::new();
         for (name, target) in &targets {
@@ -372,8 +380,14 @@ impl Engine {
             target.act_as(&users_of(&rendered, name, &ids, &inventory));
             live.extend(target.observe(&ids).await?);
         }
+        // An inventory not yet rebuilt prunes nothing.
+        let prunable = if state.lost.is_some() {
+            Inventory::new()
+        } else {
+            inventory.clone()
+        };
         let plan =
-            plan(&rendered.topology, &rendered.desired, &live, &inventory).map_err(|source| {
+            plan(&rendered.topology, &rendered.desired, &live, &prunable).map_err(|source| {
                 EngineError::Render {
                     commit: rendered.desired.revision.commit.to_string(),
                     source,
@@ -396,7 +410,92 @@ impl Engine {
             inventory,
             plan,
             guard,
+            rebuilt,
         })
+    }
+
+    /// Rebuilds a lost inventory from the marks on the live resources of
+    /// every target, and the applied and last good commits from the
+    /// history; clears `lost` if every target could tell. Returns the state
+    /// to plan with (saved by the write paths only).
+    async fn rebuild(
+        &self,
+        state: &AgentState,
+        rendered: &Rendered,
+        targets: &BTreeMap<String, Arc<dyn Target>>,
+    ) -> AgentState {
+        let mut state = state.clone();
+        let history = self.store.history().unwrap_or_default();
+        let mut complete = true;
+        let mut found = 0;
+        for (name, target) in targets {
+            let scope: Vec<ResourceId> = rendered
+                .desired
+                .for_target(name)
+                .map(|r| r.id.clone())
+                .collect();
+            let rec = state.targets.entry(name.clone()).or_default();
+            match target.marked(&scope).await {
+                Ok(Some(marks)) => {
+                    found += marks.len();
+                    for (id, service) in marks {
+                        rec.inventory.entry(id).or_insert(service);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(target = %name, error = %e, "cannot read the marks of the live resources; nothing is pruned until it can");
+                    complete = false;
+                }
+            }
+            // The newest good deployment or revert of this target.
+            let good = history.iter().rev().find(|e| {
+                matches!(e.kind, HistoryKind::Deploy | HistoryKind::Revert)
+                    && e.outcome == Outcome::Succeeded
+                    && e.targets.contains(name)
+            });
+            if let (None, Some(e)) = (&rec.last_good, good) {
+                let d = Deployed {
+                    commit: e.commit.clone(),
+                    digest: e.digest.clone(),
+                    commit_time: e.commit_time,
+                    summary: e.summary.clone(),
+                    at: e.at,
+                };
+                rec.applied.get_or_insert(d.clone());
+                rec.last_good = Some(d);
+            }
+        }
+        if complete {
+            info!(
+                resources = found,
+                "inventory rebuilt from the marks on the live resources"
+            );
+            state.lost = None;
+        }
+        state
+    }
+
+    /// Saves a rebuilt inventory (the write paths, holding the lock).
+    fn keep_rebuilt(&self, prepared: &Prepared) -> Result<(), EngineError> {
+        if let Some(rebuilt) = &prepared.rebuilt {
+            let mut state = self.store.load()?;
+            state.lost = rebuilt.lost.clone();
+            for (name, r) in &rebuilt.targets {
+                let rec = state.targets.entry(name.clone()).or_default();
+                for (id, service) in &r.inventory {
+                    rec.inventory.entry(id.clone()).or_insert(service.clone());
+                }
+                if rec.last_good.is_none() {
+                    rec.last_good = r.last_good.clone();
+                }
+                if rec.applied.is_none() {
+                    rec.applied = r.applied.clone();
+                }
+            }
+            self.store.save(&state)?;
+        }
+        Ok(())
     }
 
     fn target(&self, def: &TargetDef) -> Result<Arc<dyn Target>, EngineError> {
@@ -468,6 +567,7 @@ impl Engine {
                 return Err(e);
             }
         };
+        self.keep_rebuilt(&prepared)?;
         for w in prepared.guard.warnings() {
             warn!(commit = %revision.commit, resource = %w.resource, rule = %w.rule, message = %w.message, "policy warning");
         }
@@ -1007,6 +1107,7 @@ impl Engine {
         let mut prepared = self
             .prepare_rendered(rendered, &state, Some(&only), None)
             .await?;
+        self.keep_rebuilt(&prepared)?;
         prepared.plan.waves.reverse();
         info!(commit = %commit, waves = prepared.plan.waves.len(), "reverting");
         let started = Instant::now();
@@ -1138,6 +1239,7 @@ impl Engine {
         let prepared = self
             .prepare_rendered(rendered, &state, Some(&names), None)
             .await?;
+        self.keep_rebuilt(&prepared)?;
         let mut plan = prepared.plan.clone();
         plan.waves.reverse();
         for (i, w) in plan.waves.iter_mut().enumerate() {
@@ -1191,6 +1293,9 @@ impl Engine {
     /// After a crash: an interrupted revert is finished; an interrupted
     /// rollout is left to the next apply, which re-runs it idempotently.
     pub async fn finish_interrupted(&self) -> Result<(), EngineError> {
+        if let Some(why) = self.store.salvage()? {
+            warn!(reason = %why, "state store unreadable; inventory to be rebuilt from the live resources");
+        }
         if self.store.recover()? {
             warn!("a transition was cut short by a restart; its history entry is recorded now");
         }
@@ -1217,7 +1322,7 @@ impl Engine {
         // A state that lost its inventory (state.json deleted or emptied)
         // while the history records deployments: nothing it forgot can be
         // pruned (the safe side), and that is said, not silent.
-        if state.targets.is_empty() && state.last_error.is_none() {
+        if state.targets.is_empty() && state.lost.is_none() {
             let deployed = self
                 .store
                 .history()?
@@ -1226,10 +1331,10 @@ impl Engine {
                 .count();
             if deployed > 0 {
                 let reason = format!(
-                    "the state store has no inventory, yet the history records {deployed} deployment(s): state.json was lost or emptied; resources removed from the repository since are not pruned until applied again"
+                    "the state store has no inventory, yet the history records {deployed} deployment(s): state.json was lost or emptied"
                 );
-                warn!(%reason, "state store lost");
-                state.last_error = Some(reason);
+                warn!(%reason, "state store lost; inventory to be rebuilt from the live resources");
+                state.lost = Some(reason);
                 self.store.save(&state)?;
             }
         }

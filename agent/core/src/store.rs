@@ -30,6 +30,18 @@
 //!   restart finishes it.
 //! - revert ends: applied commit, `inProgress` cleared, the revert entry:
 //!   one transition.
+//!
+//! # A lost or damaged store
+//! - An unreadable `state.json` is moved aside to
+//!   `state.json.unreadable-<time>` ([`StateStore::salvage`]), never
+//!   deleted, and replaced by an empty state marked `lost`; so is a state
+//!   found empty while the history records deployments.
+//! - While `lost`, nothing is pruned. The next reconcile rebuilds each
+//!   target's inventory from the marks on its live resources
+//!   ([`crate::target::Target::marked`]: Kubernetes labels, the host's
+//!   records) and its applied and last good commits from the history, then
+//!   clears it; status, logs and `/metrics` say so meanwhile.
+//! - An unreadable history line is skipped with a warning naming it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -201,6 +213,11 @@ pub struct AgentState {
     /// in the history (see [`StateStore::transition`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_history: Option<HistoryEntry>,
+    /// Why the inventory cannot be trusted (state.json was lost or could
+    /// not be read), until it is rebuilt from the marks on the live
+    /// resources; nothing is pruned meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 /// Why a commit is not rolling out yet, and until when.
@@ -358,6 +375,14 @@ pub trait StateStore: Send + Sync {
         self.save(state)
     }
 
+    /// A state that cannot be read is moved aside (never deleted) and
+    /// replaced by an empty one that says it was lost: the agent goes on,
+    /// rebuilds what it can, and prunes nothing until its inventory is
+    /// rebuilt. The reason, if it did; None if the state reads fine.
+    fn salvage(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
     /// Finishes a transition a crash cut short: its entry goes into the
     /// history unless it already did. True if there was one.
     fn recover(&self) -> Result<bool, StoreError> {
@@ -470,6 +495,29 @@ impl StateStore for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
             Err(source) => Err(io(&path, source)),
         }
+    }
+
+    fn salvage(&self) -> Result<Option<String>, StoreError> {
+        let path = self.dir.join("state.json");
+        let reason = match self.load() {
+            Err(StoreError::Corrupt { reason, .. }) => reason,
+            _ => return Ok(None),
+        };
+        let aside = self.dir.join(format!(
+            "state.json.unreadable-{}",
+            Utc::now().format("%Y%m%dT%H%M%S")
+        ));
+        fs::rename(&path, &aside).map_err(|e| io(&path, e))?;
+        let why = format!(
+            "state.json could not be read ({reason}); moved to {} and started afresh",
+            aside.display()
+        );
+        let state = AgentState {
+            lost: Some(why.clone()),
+            ..AgentState::default()
+        };
+        self.save(&state)?;
+        Ok(Some(why))
     }
 
     fn save(&self, state: &AgentState) -> Result<(), StoreError> {

@@ -68,6 +68,19 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// What this target can tell sluice created here, from the marks on
+    /// its live resources (Kubernetes: the inventory labels and service
+    /// annotation; host: the records of what it applied), each with its
+    /// service when marked ("" if not): how a lost inventory is rebuilt.
+    /// `scope` is what the current commit wants (where to look when the
+    /// target cannot search everywhere). None: this target keeps no marks.
+    async fn marked(
+        &self,
+        _scope: &[ResourceId],
+    ) -> Result<Option<Vec<(ResourceId, String)>>, TargetError> {
+        Ok(None)
+    }
+
     /// Who each resource is read, written and deleted as, where the target
     /// acts for someone else (Kubernetes: the ServiceAccount named by
     /// `serviceAccountName`, impersonated). Called with everything a

@@ -82,6 +82,10 @@ pub struct InstanceState {
     /// it was started in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child_group: Option<u32>,
+    /// A copy of the instance's spec, so either record can rebuild the
+    /// other (see [`Supervisor::list`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Box<LaunchSpec>>,
 }
 
 /// An instance found on disk, with its liveness checked.
@@ -129,33 +133,96 @@ impl Supervisor {
     }
 
     /// Every instance on record, alive or not.
+    ///
+    /// A record that cannot be read is never skipped in silence (that would
+    /// hide a running replica: a duplicate started beside it, its routes
+    /// dropped). The agent's spec and the supervisor's state each carry
+    /// what the other needs: an unreadable spec is taken from the state's
+    /// copy, an unreadable state from the running supervisor (found by its
+    /// command line), and the supervisor rewrites both within half a
+    /// second. Each damaged record is logged.
     pub fn list(&self) -> Vec<Instance> {
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+        let (out, waiting) = self.scan();
+        if !waiting {
             return out;
+        }
+        // A live supervisor will have rewritten its records by then.
+        std::thread::sleep(Duration::from_millis(600));
+        self.scan().0
+    }
+
+    /// The instances on record, and whether a damaged record's supervisor
+    /// runs (so it is about to be rewritten).
+    fn scan(&self) -> (Vec<Instance>, bool) {
+        let mut out = Vec::new();
+        let mut waiting = false;
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return (out, waiting);
         };
+        let mut keys = std::collections::BTreeSet::new();
         for e in entries.flatten() {
             let path = e.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !name.ends_with(".json") || name.ends_with(".state.json") {
-                continue;
-            }
-            let Ok(spec) = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<LaunchSpec>(&b).map_err(|e| e.to_string()))
-            else {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            let state: Option<InstanceState> = std::fs::read(path.with_extension("state.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-            let alive = state
-                .as_ref()
-                .is_some_and(|s| alive(s.shim_pid, s.shim_start));
+            if let Some(key) = name
+                .strip_suffix(".state.json")
+                .or_else(|| name.strip_suffix(".json"))
+            {
+                keys.insert(key.to_string());
+            }
+        }
+        for key in keys {
+            let spec_path = self.dir.join(format!("{key}.json"));
+            let state_path = self.dir.join(format!("{key}.state.json"));
+            let read_spec = read_record::<LaunchSpec>(&spec_path);
+            let read_state = read_record::<InstanceState>(&state_path);
+            let state = match read_state {
+                Ok(s) => s,
+                Err(why) => {
+                    tracing::error!(record = %state_path.display(), reason = %why, "instance record unreadable");
+                    None
+                }
+            };
+            let spec = match read_spec {
+                Ok(Some(spec)) => spec,
+                Ok(None) | Err(_) => {
+                    if let Err(why) = &read_spec {
+                        tracing::error!(record = %spec_path.display(), reason = %why, "instance record unreadable");
+                    }
+                    match state.as_ref().and_then(|s| s.spec.clone()) {
+                        Some(copy) => {
+                            tracing::warn!(record = %spec_path.display(), "instance spec restored from its supervisor's copy");
+                            let _ = write_json(&spec_path, &*copy);
+                            *copy
+                        }
+                        None => {
+                            if read_spec.is_err() && find_supervisor(&spec_path).is_some() {
+                                waiting = true;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let (state, alive) = match state {
+                Some(s) => {
+                    let a = alive(s.shim_pid, s.shim_start);
+                    (Some(s), a)
+                }
+                None => match find_supervisor(&spec_path) {
+                    // Its supervisor runs: it rewrites the state shortly.
+                    Some(_) => {
+                        waiting = true;
+                        (None, true)
+                    }
+                    None => (None, false),
+                },
+            };
             out.push(Instance { spec, state, alive });
         }
         out.sort_by(|a, b| a.spec.key.cmp(&b.spec.key));
-        out
+        (out, waiting)
     }
 
     /// Starts the shim for `spec`, detached, and waits (briefly) for it to
@@ -271,6 +338,38 @@ impl Supervisor {
         let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
         let _ = std::fs::remove_file(&spec_path);
     }
+}
+
+/// A record: None if there is none, an error if it cannot be read.
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The pid of the running `sluice supervise --spec <spec_path>`, found by
+/// its command line.
+pub fn find_supervisor(spec_path: &Path) -> Option<u32> {
+    let want = spec_path.as_os_str().as_encoded_bytes();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let supervising = args.iter().any(|a| *a == b"supervise")
+            && args.windows(2).any(|w| w[0] == b"--spec" && w[1] == want);
+        if supervising && proc_start_time(pid).is_some_and(|t| alive(pid, t)) {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// Whether `pid` runs, is not a zombie, and started at `start` ticks.

@@ -61,6 +61,7 @@ async fn supervise(spec: LaunchSpec, spec_path: &Path, adopt: bool) -> ExitCode 
         last_exit: None,
         phase: "starting".into(),
         child_group: None,
+        spec: Some(Box::new(spec.clone())),
     };
     // The orphan to adopt: the child the dead shim recorded, if it still
     // is that process (pid and start time).
@@ -80,11 +81,53 @@ async fn supervise(spec: LaunchSpec, spec_path: &Path, adopt: bool) -> ExitCode 
             return ExitCode::from(1);
         }
     };
+    // The last state written, for the keeper below.
+    let written = std::rc::Rc::new(std::cell::RefCell::new(state.clone()));
     let save = |s: &InstanceState| {
+        *written.borrow_mut() = s.clone();
         if let Err(e) = write_json(&state_path, s) {
             eprintln!("sluice supervise: writing {}: {e}", state_path.display());
         }
     };
+    // Keeps both records readable: one damaged or removed by hand (or by
+    // a full disk) is rewritten from memory within half a second, so the
+    // agent never loses sight of a running replica.
+    let keeper = {
+        let (written, spec, spec_path, state_path) = (
+            written.clone(),
+            spec.clone(),
+            spec_path.to_path_buf(),
+            state_path.clone(),
+        );
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let ok =
+                    |p: &Path, check: fn(&[u8]) -> bool| std::fs::read(p).is_ok_and(|b| check(&b));
+                if !ok(&spec_path, |b| {
+                    serde_json::from_slice::<LaunchSpec>(b).is_ok()
+                }) {
+                    eprintln!(
+                        "sluice supervise: {} was unreadable; rewritten",
+                        spec_path.display()
+                    );
+                    let _ = write_json(&spec_path, &spec);
+                }
+                if !ok(&state_path, |b| {
+                    serde_json::from_slice::<InstanceState>(b).is_ok()
+                }) {
+                    eprintln!(
+                        "sluice supervise: {} was unreadable; rewritten",
+                        state_path.display()
+                    );
+                    let _ = write_json(&state_path, &*written.borrow());
+                }
+            }
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.spawn_local(keeper);
+    local.run_until(async move {
     if let Some(old) = orphan {
         let (pid, start) = (old.child_pid.unwrap_or(0), old.child_start.unwrap_or(0));
         let group = old.child_group.unwrap_or(old.shim_pid);
@@ -206,6 +249,8 @@ async fn supervise(spec: LaunchSpec, spec_path: &Path, adopt: bool) -> ExitCode 
         }
         backoff = (backoff * 2).min(spec.restart.max_backoff_ms.max(10));
     }
+    })
+    .await
 }
 
 /// Sleeps `ms`; true when SIGTERM arrived meanwhile.

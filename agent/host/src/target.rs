@@ -128,11 +128,96 @@ impl HostTarget {
         self.cfg.state_dir.join("resources.json")
     }
 
+    /// The body last applied per resource (`Kind/name`).
+    ///
+    /// An unreadable `resources.json` is never taken for an empty one
+    /// (that drops every route and starts duplicates): it is reported,
+    /// moved aside, and rebuilt from what runs (see [`Self::rebuild_records`]).
     pub(crate) fn records(&self) -> BTreeMap<String, Value> {
-        std::fs::read(self.resources_path())
+        let path = self.resources_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(records) => records,
+                Err(e) => {
+                    let aside = path.with_extension(format!(
+                        "json.unreadable-{}",
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0)
+                    ));
+                    tracing::error!(target = %self.cfg.name, record = %path.display(), reason = %e, moved_to = %aside.display(), "resource records unreadable; rebuilding them from the running processes and the router");
+                    let _ = std::fs::rename(&path, &aside);
+                    let records = self.rebuild_records();
+                    if let Err(e) = write_json(&path, &records) {
+                        tracing::error!(target = %self.cfg.name, error = %e, "cannot save the rebuilt resource records");
+                    }
+                    records
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => {
+                tracing::error!(target = %self.cfg.name, record = %path.display(), error = %e, "resource records unreadable; using what runs");
+                self.rebuild_records()
+            }
+        }
+    }
+
+    /// Resource records rebuilt from what runs: each Process from its
+    /// instances (the release the router serves, not a canary's), each
+    /// Route from the router's persisted configuration (its listener and
+    /// the Process of its backends). Files cannot be: what is on disk
+    /// does not say which resource wrote it; they are recorded again when
+    /// next applied, and one removed from the repository meanwhile is not
+    /// pruned (its removal fails, visibly, and is retried).
+    fn rebuild_records(&self) -> BTreeMap<String, Value> {
+        let mut records = BTreeMap::new();
+        let instances: Vec<Instance> = self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|i| i.spec.key != ROUTER_KEY && (i.alive || i.child_running()))
+            .collect();
+        let splits = self.splits();
+        let mut by_resource: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for i in &instances {
+            by_resource.entry(&i.spec.resource).or_default().push(i);
+        }
+        for (resource, group) in by_resource {
+            let canary = splits.get(resource).map(|s| s.canary_digest.as_str());
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for i in &group {
+                if Some(i.spec.digest.as_str()) != canary {
+                    *counts.entry(&i.spec.digest).or_default() += 1;
+                }
+            }
+            let Some((digest, _)) = counts.into_iter().max_by_key(|(_, n)| *n) else {
+                continue;
+            };
+            if let Some(i) = group.iter().find(|i| i.spec.digest == digest) {
+                records.insert(format!("Process/{resource}"), i.spec.body.clone());
+            }
+        }
+        let router: Option<RouterConfig> = std::fs::read(self.cfg.state_dir.join("router.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        for (name, route) in router.map(|r| r.routes).unwrap_or_default() {
+            let process = route.backends.iter().find_map(|b| {
+                instances
+                    .iter()
+                    .find(|i| i.spec.key == b.id)
+                    .map(|i| i.spec.resource.clone())
+            });
+            if let Some(process) = process {
+                records.insert(
+                    format!("Route/{name}"),
+                    json!({"apiVersion": "sluice.dev/v1", "kind": "Route", "metadata": {"name": name},
+                           "spec": {"listen": route.listen.to_string(), "process": process}}),
+                );
+            }
+        }
+        tracing::warn!(target = %self.cfg.name, rebuilt = ?records.keys().collect::<Vec<_>>(), "resource records rebuilt from what runs");
+        records
     }
 
     fn save_records(&self, records: &BTreeMap<String, Value>) -> Result<(), TargetError> {
@@ -1192,6 +1277,33 @@ impl Target for HostTarget {
         }
     }
 
+    /// What this target's own records and running instances say sluice
+    /// applied here (the records rebuilt from what runs if they were
+    /// lost). The service is not recorded on a host: "".
+    async fn marked(
+        &self,
+        _scope: &[ResourceId],
+    ) -> Result<Option<Vec<(ResourceId, String)>>, TargetError> {
+        let mut out: BTreeMap<ResourceId, String> = BTreeMap::new();
+        for key in self.records().keys() {
+            if let Some((kind, name)) = key.split_once('/') {
+                out.insert(ResourceId::new(&self.cfg.name, kind, name), String::new());
+            }
+        }
+        for i in self
+            .sup
+            .list()
+            .into_iter()
+            .filter(|i| i.spec.key != ROUTER_KEY)
+        {
+            out.insert(
+                ResourceId::new(&self.cfg.name, "Process", &i.spec.resource),
+                String::new(),
+            );
+        }
+        Ok(Some(out.into_iter().collect()))
+    }
+
     fn traffic(&self) -> Option<&dyn sluice_core::traffic::Traffic> {
         Some(self)
     }
@@ -1234,7 +1346,12 @@ impl Target for HostTarget {
                 })
             }
             "File" => {
-                if let Some(body) = self.records().get(&Self::record_key(id)) {
+                let records = self.records();
+                let Some(body) = records.get(&Self::record_key(id)) else {
+                    warn!(target = %self.cfg.name, resource = %id, "no record of where this File was written (the resource records were lost): left on disk and released from the inventory");
+                    return Ok(());
+                };
+                {
                     if let Some(rel) = body["spec"]["path"].as_str() {
                         let path = self.file_path(id, rel)?;
                         match std::fs::remove_file(&path) {

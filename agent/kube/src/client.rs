@@ -352,6 +352,24 @@ impl Cluster {
         Ok(None)
     }
 
+    /// Every kind the cluster serves, at its group's preferred version
+    /// (the core group's v1 included).
+    pub async fn all_kinds(&self) -> Result<Vec<Kind>, KubeError> {
+        let mut kinds = self.gv_kinds("", "v1", false).await?;
+        self.preferred_version("", true).await?;
+        let groups: Vec<(String, String)> = self
+            .preferred
+            .lock()
+            .await
+            .as_ref()
+            .map(|m| m.iter().map(|(g, v)| (g.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (group, version) in groups {
+            kinds.extend(self.gv_kinds(&group, &version, false).await?);
+        }
+        Ok(kinds)
+    }
+
     async fn preferred_version(
         &self,
         group: &str,
@@ -413,6 +431,16 @@ impl Cluster {
         Ok(self.list_at(kind, namespace, selector, "").await?.0)
     }
 
+    /// Every object of `kind` in every namespace matching `selector`.
+    pub async fn list_everywhere(
+        &self,
+        kind: &Kind,
+        selector: &str,
+    ) -> Result<Vec<Value>, KubeError> {
+        let api = Api::all_with(self.client.clone(), &kind.resource);
+        Ok(self.pages(&api, kind, selector, "").await?.0)
+    }
+
     /// As [`Cluster::list`] with a field selector too (`metadata.name=x`),
     /// and the list's resourceVersion: the point a watch starts from.
     pub async fn list_at(
@@ -423,6 +451,16 @@ impl Cluster {
         fields: &str,
     ) -> Result<(Vec<Value>, String), KubeError> {
         let api = self.api(kind, namespace);
+        self.pages(&api, kind, selector, fields).await
+    }
+
+    async fn pages(
+        &self,
+        api: &Api<DynamicObject>,
+        kind: &Kind,
+        selector: &str,
+        fields: &str,
+    ) -> Result<(Vec<Value>, String), KubeError> {
         let mut items = Vec::new();
         let mut token: Option<String> = None;
         loop {

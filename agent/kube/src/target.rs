@@ -607,6 +607,82 @@ impl Target for KubeTarget {
         Some(&self.traffic)
     }
 
+    /// Everything labelled as this target's by sluice, in every kind the
+    /// cluster serves: one LIST per kind by label, cluster-wide, or, where
+    /// the acting account may not list cluster-wide, in each namespace the
+    /// commit uses. The service comes from the `sluice.dev/service`
+    /// annotation.
+    async fn marked(
+        &self,
+        scope: &[ResourceId],
+    ) -> Result<Option<Vec<(ResourceId, String)>>, TargetError> {
+        let target = &self.applier.target;
+        let kinds = self
+            .applier
+            .cluster
+            .all_kinds()
+            .await
+            .map_err(|e| self.applier.unavailable(format!("discovery: {e}")))?;
+        let selector = format!("{MANAGED_BY}=sluice,{TARGET_LABEL}={target}");
+        let namespaces: std::collections::BTreeSet<&str> = scope
+            .iter()
+            .filter_map(|id| id.namespace.as_deref())
+            .collect();
+        let mut out = Vec::new();
+        for kind in kinds {
+            let r = &kind.resource;
+            let kind_id = if r.group.is_empty() {
+                r.kind.clone()
+            } else {
+                format!("{}/{}", r.group, r.kind)
+            };
+            let probe = |ns: Option<&str>| ResourceId {
+                target: target.clone(),
+                kind: kind_id.clone(),
+                namespace: ns.map(str::to_string),
+                name: String::new(),
+            };
+            let everywhere = self.reader(self.user(&probe(None)).as_deref())?;
+            let items = match everywhere.list_everywhere(&kind, &selector).await {
+                Ok(items) => items,
+                Err(e) if e.code() == Some(403) && kind.namespaced => {
+                    let mut items = Vec::new();
+                    for ns in &namespaces {
+                        let cluster = self.reader(self.user(&probe(Some(ns))).as_deref())?;
+                        match cluster.list_at(&kind, Some(ns), &selector, "").await {
+                            Ok((found, _)) => items.extend(found),
+                            Err(e) if matches!(e.code(), Some(403 | 404 | 405)) => {}
+                            Err(e) => {
+                                return Err(self.applier.unavailable(format!("{kind_id}: {e}")))
+                            }
+                        }
+                    }
+                    items
+                }
+                // Not listable (a virtual kind), or not this account's.
+                Err(e) if matches!(e.code(), Some(403 | 404 | 405)) => Vec::new(),
+                Err(e) => return Err(self.applier.unavailable(format!("{kind_id}: {e}"))),
+            };
+            for obj in items {
+                let Some(name) = obj["metadata"]["name"].as_str() else {
+                    continue;
+                };
+                let id = ResourceId {
+                    target: target.clone(),
+                    kind: kind_id.clone(),
+                    namespace: obj["metadata"]["namespace"].as_str().map(str::to_string),
+                    name: name.to_string(),
+                };
+                let service = obj["metadata"]["annotations"][SERVICE_ANNOTATION]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                out.push((id, service));
+            }
+        }
+        Ok(Some(out))
+    }
+
     fn act_as(&self, users: &BTreeMap<ResourceId, String>) {
         self.applier
             .users
