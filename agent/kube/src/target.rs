@@ -651,7 +651,7 @@ impl Target for KubeTarget {
                         let cluster = self.reader(self.user(&probe(Some(ns))).as_deref())?;
                         match cluster.list_at(&kind, Some(ns), &selector, "").await {
                             Ok((found, _)) => items.extend(found),
-                            Err(e) if matches!(e.code(), Some(403 | 404 | 405)) => {}
+                            Err(e) if matches!(e.code(), Some(403..=405)) => {}
                             Err(e) => {
                                 return Err(self.applier.unavailable(format!("{kind_id}: {e}")))
                             }
@@ -660,7 +660,7 @@ impl Target for KubeTarget {
                     items
                 }
                 // Not listable (a virtual kind), or not this account's.
-                Err(e) if matches!(e.code(), Some(403 | 404 | 405)) => Vec::new(),
+                Err(e) if matches!(e.code(), Some(403..=405)) => Vec::new(),
                 Err(e) => return Err(self.applier.unavailable(format!("{kind_id}: {e}"))),
             };
             for obj in items {
