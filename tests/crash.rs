@@ -482,3 +482,183 @@ fn emptied_instance_and_resource_records_are_repaired_from_what_runs() {
         serde_json::from_slice(&std::fs::read(&web_record).unwrap()).expect("record restored");
     assert_eq!(record["resource"], "web");
 }
+
+/// A tmpfs of its own (as root; CI runs as root), unmounted on drop.
+struct SmallDisk {
+    at: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk {
+            at: at.to_path_buf(),
+        }
+    }
+
+    /// Fills the disk to the last byte; the filler is removed by `free`.
+    fn fill(&self) {
+        let filler = self.at.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        use std::io::Write;
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0]);
+        let _ = f.sync_all();
+    }
+
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.at.join("filler"));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.at)
+            .status();
+    }
+}
+
+/// A full disk in the middle of a rollout: the host target's records, the
+/// supervisors' records and the router's persisted configuration live on
+/// a small tmpfs that fills up once 1.0.0 runs. The release of 2.0.0 fails
+/// with a clear "No space left on device"; once space is freed, the next
+/// reconcile converges to one whole commit (the last good one: the failed
+/// commit is not retried): every route serves 1.0.0 five times out of
+/// five, one process and supervisor each, status healthy, no drift.
+#[test]
+fn a_full_disk_mid_rollout_converges_once_space_is_back() {
+    if nix::unistd::Uid::effective().as_raw() != 0 {
+        eprintln!("needs root to mount a tmpfs (CI runs as root): not run");
+        return;
+    }
+    full_disk(false);
+    full_disk(true);
+}
+
+/// The disk fills before the rollout (`mid`: false: the first write of
+/// the new release fails) or in its first wave, once catalog 2.0.0 runs
+/// (`mid`: the switch of the routes to it fails).
+fn full_disk(mid: bool) {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    let disk = SmallDisk::mount(&shop.state().join("host"), "8m");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    shop.set_versions(&["2.0.0"; 3]);
+    // catalog 2.0.0 takes 2 s to become ready: its records are written,
+    // then the disk fills, then the router is to switch to it.
+    shop.edit(
+        "services/catalog/catalog.yaml",
+        "\"demo\",",
+        "\"demo\", \"--ready-after-ms\", \"2000\",",
+    );
+    shop.commit("2.0.0 on a full disk");
+    if !mid {
+        disk.fill();
+    }
+    let mut cmd = std::process::Command::new(common::SLUICE);
+    cmd.arg("apply").args(shop.flags());
+    let apply = std::thread::spawn(move || common::run_with_timeout(cmd, Duration::from_secs(120)));
+    let instances = shop.state().join("host/local/instances");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mid
+        && !std::fs::read_dir(&instances).unwrap().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.starts_with("catalog-2.0.0") && n.ends_with(".state.json")
+        })
+    {
+        assert!(Instant::now() < deadline, "catalog 2.0.0 never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    disk.fill();
+    let out = apply.join().unwrap();
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.all().contains("No space left on device"),
+        "{}",
+        out.all()
+    );
+    // The router kept serving what it could persist: 1.0.0.
+    for _ in 0..5 {
+        assert_eq!(
+            shop.get_json("catalog", "/")["version"],
+            "1.0.0",
+            "{}",
+            out.all()
+        );
+    }
+    eprintln!(
+        "on a full disk ({}): {}",
+        if mid {
+            "mid-wave"
+        } else {
+            "before the rollout"
+        },
+        out.all()
+            .lines()
+            .filter(|l| l.contains("No space"))
+            .last()
+            .unwrap_or("")
+    );
+    disk.free();
+    let again = shop.sluice(&["apply"]);
+    assert!(matches!(again.code, 0 | 1), "{}", again.all());
+    let mine = |what: &str| {
+        common::procs()
+            .into_iter()
+            .filter(|p| p.cwd.starts_with(shop.tmp.path()) && p.args.iter().any(|a| a == what))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (mine("demo"), mine("supervise")) != (3, 4) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        (mine("demo"), mine("supervise")),
+        (3, 4),
+        "{}\n--- status\n{}\n--- the first apply\n{}\n{:?}",
+        again.all(),
+        shop.sluice(&["status"]).all(),
+        out.all(),
+        common::procs()
+            .into_iter()
+            .filter(|p| p.cwd.starts_with(shop.tmp.path()))
+            .map(|p| p.args.join(" "))
+            .collect::<Vec<_>>()
+    );
+    for s in common::SERVICES {
+        for _ in 0..5 {
+            assert_eq!(
+                shop.get_json(s, "/")["version"],
+                "1.0.0",
+                "{s}\n{}",
+                again.all()
+            );
+        }
+    }
+    let status = shop.sluice(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert!(v["inProgress"].is_null(), "{}", status.stdout);
+    for r in v["resources"]["local"].as_array().unwrap() {
+        assert_eq!(r["health"], "healthy", "{r}");
+    }
+    let drift = shop.sluice(&["drift", "-o", "json"]);
+    assert_eq!(drift.code, 0, "{}", drift.all());
+    assert!(
+        !drift.stdout.contains("\"modified\"") && !drift.stdout.contains("\"missing\""),
+        "{}",
+        drift.stdout
+    );
+    drop(disk);
+}

@@ -657,6 +657,7 @@ impl Engine {
                 step_started: self.clock.now(),
                 traffic: None,
                 analysis: Vec::new(),
+                attempts: 0,
             })
         })?;
         // Prepare (download, verify, dry-run) everything before the first
@@ -1111,7 +1112,13 @@ impl Engine {
         prepared.plan.waves.reverse();
         info!(commit = %commit, waves = prepared.plan.waves.len(), "reverting");
         let started = Instant::now();
+        let mut attempts = 0;
         self.mark(|s| {
+            attempts = s
+                .in_progress
+                .as_ref()
+                .filter(|p| p.kind == HistoryKind::Revert && p.commit == commit)
+                .map_or(0, |p| p.attempts);
             s.in_progress = Some(InProgress {
                 kind: HistoryKind::Revert,
                 commit: commit.clone(),
@@ -1123,6 +1130,7 @@ impl Engine {
                 step_started: self.clock.now(),
                 traffic: None,
                 analysis: Vec::new(),
+                attempts,
             })
         })?;
         let result = self.rollout(&prepared, false, &[]).await;
@@ -1131,13 +1139,34 @@ impl Engine {
         let error = result.as_ref().err().map(|(e, _)| e.to_string());
         for name in prepared.targets.keys() {
             let rec = state.targets.entry(name.clone()).or_default();
-            if error.is_none() {
-                let deployed = self.deployed(&prepared, name);
-                rec.applied = Some(deployed.clone());
-                rec.last_good = Some(deployed);
+            match &error {
+                None => {
+                    let deployed = self.deployed(&prepared, name);
+                    rec.applied = Some(deployed.clone());
+                    rec.last_good = Some(deployed);
+                }
+                Some(e) => {
+                    rec.last_error = Some(format!("revert to {} failed: {e}", commit.short()))
+                }
             }
         }
-        state.in_progress = None;
+        // A failed revert stays in progress: the next reconcile tries again
+        // (live is on no whole commit until it succeeds).
+        state.in_progress = match (&error, state.in_progress.take()) {
+            (Some(_), Some(mut p)) => {
+                p.attempts = attempts + 1;
+                Some(p)
+            }
+            _ => None,
+        };
+        if error.is_some() && attempts > 0 {
+            // Recorded once, at the first failure; retries only count.
+            self.store.save(&state)?;
+            return match result {
+                Ok(()) => Ok(Some(commit)),
+                Err((e, _)) => Err(e),
+            };
+        }
         let mut entry = HistoryEntry::of(
             HistoryKind::Revert,
             self.clock.now(),
@@ -1998,6 +2027,7 @@ mod tests {
             step_started: Utc::now(),
             traffic: None,
             analysis: Vec::new(),
+            attempts: 0,
         }
     }
 

@@ -30,6 +30,9 @@
 //!   restart finishes it.
 //! - revert ends: applied commit, `inProgress` cleared, the revert entry:
 //!   one transition.
+//! - revert fails (a write refused: a full disk, a target down): the
+//!   failed revert entry (first attempt only), `inProgress` kept with its
+//!   attempts counted: one transition; every reconcile tries it again.
 //!
 //! # A lost or damaged store
 //! - An unreadable `state.json` is moved aside to
@@ -121,6 +124,15 @@ pub struct InProgress {
     /// Every analysis verdict of this rollout so far (all resources).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<IntervalVerdict>,
+    /// A revert: how many attempts failed so far. A failed revert stays in
+    /// progress, so every reconcile tries it again until live is back on
+    /// one whole commit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A progressive rollout of one resource, as `sluice status` shows it.

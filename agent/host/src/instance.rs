@@ -293,9 +293,22 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Nothing half-started stays behind: a supervisor that could not
+        // record itself (a full disk, a broken binary) is stopped with
+        // whatever it started.
+        if let Some(i) = self.list().into_iter().find(|i| i.spec.key == spec.key) {
+            self.stop(&i).await;
+        } else if let Some(pid) = find_supervisor(spec_path) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
+            let _ = std::fs::remove_file(spec_path);
+        }
         Err(format!(
-            "the supervisor of {} did not start within 5s (see {})",
+            "the supervisor of {} did not start within 5s{} (see {})",
             spec.key,
+            disk_full(&self.dir)
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
             self.log_path(&spec.key).display()
         ))
     }
@@ -338,6 +351,19 @@ impl Supervisor {
         let _ = std::fs::remove_file(spec_path.with_extension("state.json"));
         let _ = std::fs::remove_file(&spec_path);
     }
+}
+
+/// "No space left on device on <dir>" when the file system holding
+/// `dir` has no room left (the likeliest reason records cannot be written).
+pub fn disk_full(dir: &Path) -> Option<String> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    (free < 64 * 1024).then(|| {
+        format!(
+            "No space left on device on the file system of {} ({free} bytes free)",
+            dir.display()
+        )
+    })
 }
 
 /// A record: None if there is none, an error if it cannot be read.
