@@ -607,8 +607,8 @@ fn full_disk(mid: bool) {
         },
         out.all()
             .lines()
-            .filter(|l| l.contains("No space"))
-            .last()
+            .rev()
+            .find(|l| l.contains("No space"))
             .unwrap_or("")
     );
     disk.free();
