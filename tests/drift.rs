@@ -149,3 +149,74 @@ fn a_replaced_executable_is_drift_in_what_the_process_runs() {
         "{v}"
     );
 }
+
+/// A replica that is gone (its supervisor and process killed by hand) is
+/// drift: `missing`, with how many replicas run of how many; status does
+/// not call the service healthy; `drift: heal` starts it again.
+#[test]
+fn a_killed_replica_is_missing_and_healed() {
+    let shop = Shop::new(&["1.0.0"; 3]);
+    shop.edit(
+        "services/orders/orders.yaml",
+        "  stopTimeout: 3s\n",
+        "  stopTimeout: 3s\n  replicas: 2\n",
+    );
+    shop.edit(
+        "sluice.yaml",
+        "path: services/orders\n",
+        "path: services/orders\n    drift: heal\n",
+    );
+    shop.commit("two orders");
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let orders = || -> Vec<common::Proc> {
+        common::procs()
+            .into_iter()
+            .filter(|p| {
+                p.cwd.starts_with(shop.tmp.path())
+                    && p.args.iter().any(|a| a == "demo")
+                    && p.args.iter().any(|a| a == "orders")
+            })
+            .collect()
+    };
+    assert_eq!(orders().len(), 2);
+    let victim = &orders()[0];
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", victim.pgid)])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while orders().len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = shop.sluice(&["drift", "-o", "json", "--exit-code"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let item = &v[0]["items"][0];
+    assert_eq!(
+        (item["kind"].as_str(), item["id"]["name"].as_str()),
+        (Some("missing"), Some("orders")),
+        "{v}"
+    );
+    assert_eq!(item["fields"][0]["path"], "spec.replicas");
+    assert_eq!(
+        (
+            item["fields"][0]["old"].as_u64(),
+            item["fields"][0]["new"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    let status = shop.sluice(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("local/orders progressing NOT healthy")
+            || status.stdout.contains("local/orders degraded NOT healthy"),
+        "{}",
+        status.all()
+    );
+    let healed = shop.sluice(&["drift", "--heal"]);
+    assert_eq!(healed.code, 0, "{}", healed.all());
+    assert_eq!(orders().len(), 2, "the replica was not started again");
+    let clean = shop.sluice(&["drift", "--exit-code"]);
+    assert_eq!(clean.code, 0, "{}", clean.all());
+    assert!(!shop.sluice(&["status"]).stdout.contains("NOT healthy"));
+}

@@ -84,7 +84,7 @@ fn expired_and_invalid_flags_are_reported() {
     ]);
     assert!(
         report.stdout.contains(
-            "Expired feature flags:** new-checkout (owner shop-team, expired 2020-01-01)"
+            "Expired feature flags:** `new-checkout (owner shop-team, expired 2020-01-01)`"
         ),
         "{}",
         report.all()

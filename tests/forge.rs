@@ -167,7 +167,7 @@ fn one_sticky_comment_per_pull_request_updated_in_place_with_a_commit_status() {
         let body = &f.comments[0].1;
         assert!(
             body.starts_with("<!-- sluice-report -->")
-                && body.contains("spec.version: \"1.0.0\" → \"1.2.0\""),
+                && body.contains("-  version: 1.0.0\n+  version: 1.2.0"),
             "{forge}: {body}"
         );
         let methods: Vec<&str> = f.requests.iter().map(|r| r.0.as_str()).collect();
@@ -312,7 +312,7 @@ fn a_pull_request_webhook_posts_its_report() {
     loop {
         let posted = fake.lock().unwrap().comments.first().map(|c| c.1.clone());
         if let Some(b) = posted {
-            assert!(b.contains("\"1.0.0\" → \"1.3.0\""), "{b}");
+            assert!(b.contains("-  version: 1.0.0\n+  version: 1.3.0"), "{b}");
             break;
         }
         assert!(

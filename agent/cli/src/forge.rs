@@ -260,8 +260,10 @@ pub async fn post_report(
         .await
         .map_err(EngineError::from)?;
     match engine.report(&base_rev, &head_rev).await {
-        Ok(report) => {
-            let body = crate::output::report_markdown(&report);
+        Ok(mut report) => {
+            report.base_name = Some(base.to_string());
+            report.head_name = Some(head.to_string());
+            let body = crate::report::markdown(&report);
             let id = forge.upsert_report(pr, &body).await?;
             let denies = report.guard.denies().count();
             if denies > 0 {

@@ -7,6 +7,7 @@ mod demo;
 mod forge;
 mod output;
 mod prometheus;
+mod report;
 mod run;
 mod setup;
 mod webhook;
@@ -553,12 +554,16 @@ async fn plan(
             let engine = &engine;
             async move { engine.source.fetch_ref(&r).await.map_err(EngineError::from) }
         };
+        let base_name = base.clone();
         let base = fetch(base).await?;
+        let head_name = head.clone().or(common.branch.clone());
         let head = match head {
             Some(h) => fetch(h).await?,
             None => watched,
         };
-        let report = engine.report(&base, &head).await?;
+        let mut report = engine.report(&base, &head).await?;
+        report.base_name = Some(base_name);
+        report.head_name = head_name;
         output::report(common.output, &report);
         return Ok(ExitCode::SUCCESS);
     }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use chrono::Utc;
 use serde_json::json;
 use sluice_core::engine::{Reconciled, Status};
-use sluice_core::guard::{self, Level};
+use sluice_core::guard;
 use sluice_core::plan::{to_text, Action, Plan};
 use sluice_core::store::{HistoryEntry, HistoryKind, Outcome};
 
@@ -42,11 +42,16 @@ pub fn plan(format: Format, plan: &Plan) {
 }
 
 /// Text from manifests made inert for markdown: no HTML, no code fences,
-/// no emphasis or links.
+/// no emphasis, no links (autolinked URLs are broken by a word joiner
+/// after `://` and `www.`), no @mentions (a word joiner after `@`).
 pub fn md_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    let s = s
+        .replace("://", ":\u{2060}//")
+        .replace("www.", "www\u{2060}.");
     for c in s.chars() {
         match c {
+            '@' => out.push_str("@\u{2060}"),
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
@@ -450,9 +455,31 @@ pub fn status_text(s: &Status) -> String {
         }
     }
     if let Some(last) = s.history.last() {
+        // A deploy that succeeded is history: say how live is now.
+        let unwell: Vec<String> = s
+            .resources
+            .iter()
+            .flat_map(|(target, list)| {
+                let mut worst: std::collections::BTreeMap<&str, sluice_core::resource::Health> =
+                    Default::default();
+                for r in list {
+                    let w = worst.entry(r.service.as_str()).or_insert(r.health);
+                    *w = (*w).max(r.health);
+                }
+                worst
+                    .into_iter()
+                    .filter(|(_, h)| *h != sluice_core::resource::Health::Healthy)
+                    .map(move |(svc, h)| format!("{target}/{svc} {h}"))
+            })
+            .collect();
+        let now = if unwell.is_empty() {
+            String::new()
+        } else {
+            format!("; live now: {} NOT healthy", unwell.join(", "))
+        };
         let _ = writeln!(
             out,
-            "\nLast {}: {} {:?} {:?} ({})",
+            "\nLast {}: {} {:?} {:?} ({}){now}",
             kind(last.kind),
             last.commit.short(),
             last.summary,
@@ -609,20 +636,20 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-/// GitHub's limit on a comment's size; reports stay under it.
-pub const COMMENT_LIMIT: usize = 65_536;
-
-/// The hidden marker a sticky pull-request comment is found again by.
-pub const REPORT_MARKER: &str = "<!-- sluice-report -->";
+pub use crate::report::REPORT_MARKER;
 
 pub fn report(format: Format, r: &sluice_core::engine::PrReport) {
     match format {
         Format::Json => print_json(r),
         Format::Text => {
+            let name = |n: &Option<String>, c: &sluice_core::source::CommitId| match n {
+                Some(n) => format!("{n} ({})", c.short()),
+                None => c.short().to_string(),
+            };
             println!(
                 "Merging {} into {}:",
-                r.head.commit.short(),
-                r.base.commit.short()
+                name(&r.head_name, &r.head.commit),
+                name(&r.base_name, &r.base.commit)
             );
             println!("\n== against the live system ==");
             print!("{}", to_text(&r.against_live));
@@ -635,169 +662,8 @@ pub fn report(format: Format, r: &sluice_core::engine::PrReport) {
                 }
             }
         }
-        Format::Markdown => print!("{}", report_markdown(r)),
+        Format::Markdown => print!("{}", crate::report::markdown(r)),
     }
-}
-
-/// The report as a pull-request comment: summary first, details folded,
-/// every value from a manifest escaped, and never over [`COMMENT_LIMIT`].
-pub fn report_markdown(r: &sluice_core::engine::PrReport) -> String {
-    use sluice_core::engine::DriftKind;
-    let mut s = String::new();
-    let _ = writeln!(s, "{REPORT_MARKER}");
-    let _ = writeln!(
-        s,
-        "### sluice: merging `{}` into `{}`\n",
-        r.head.commit.short(),
-        r.base.commit.short()
-    );
-    let _ = writeln!(
-        s,
-        "- **Against the live system:** {}",
-        r.against_live.summary()
-    );
-    let _ = writeln!(
-        s,
-        "- **Against the base branch:** {}",
-        r.against_base.summary()
-    );
-    if r.drift_overwritten.is_empty() {
-        let _ = writeln!(s, "- **Drift:** none that this merge would overwrite");
-    } else {
-        let _ = writeln!(
-            s,
-            "- **Drift this merge would overwrite:** {} resource(s) changed by hand",
-            r.drift_overwritten.len()
-        );
-        for d in &r.drift_overwritten {
-            let kind = match d.kind {
-                DriftKind::Missing => "missing",
-                DriftKind::Modified => "modified",
-            };
-            let fields: Vec<String> = d.fields.iter().map(|f| md_escape(&f.path)).collect();
-            let _ = writeln!(
-                s,
-                "  - {kind} {} {}",
-                md_escape(&d.id.to_string()),
-                fields.join(", ")
-            );
-        }
-    }
-    if !r.expired_flags.is_empty() {
-        let names: Vec<String> = r.expired_flags.iter().map(|f| md_escape(f)).collect();
-        let _ = writeln!(s, "- **Expired feature flags:** {}", names.join("; "));
-    }
-    let denies: Vec<_> = r.guard.denies().collect();
-    let warnings: Vec<_> = r.guard.warnings().collect();
-    let exceptions: Vec<_> = r.guard.exceptions().collect();
-    if denies.is_empty() && warnings.is_empty() {
-        let _ = writeln!(
-            s,
-            "- **Policies:** passed ({} tests of {} modules over {} resources and documents{})\n",
-            r.guard.tests,
-            r.guard.modules.len(),
-            r.guard.evaluated,
-            match r.guard.exceptions().count() {
-                0 => String::new(),
-                n => format!("; {n} exception{}", if n == 1 { "" } else { "s" }),
-            }
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "- **Policies:** {} deny, {} warning{}\n",
-            denies.len(),
-            warnings.len(),
-            if denies.is_empty() {
-                ""
-            } else {
-                " — **this change will not be applied until every deny is fixed**"
-            }
-        );
-        for f in denies.iter().chain(&warnings).chain(&exceptions) {
-            let _ = writeln!(
-                s,
-                "  - {} `{}` {}: {}",
-                match f.level {
-                    Level::Deny => "⛔ deny",
-                    Level::Warn => "⚠️ warn",
-                    Level::Exception => "➖ exception",
-                },
-                md_escape(&f.resource).replace('`', ""),
-                md_escape(&f.rule),
-                md_escape(&f.message)
-            );
-        }
-        let _ = writeln!(s);
-    }
-    if !r.against_live.waves.is_empty() {
-        let _ = writeln!(
-            s,
-            "| wave | ring | services | strategy |\n|---|---|---|---|"
-        );
-        for w in &r.against_live.waves {
-            let strategies: Vec<String> = w
-                .services
-                .iter()
-                .map(|sv| {
-                    r.against_live
-                        .strategies
-                        .get(sv)
-                        .map(|st| format!("{st:?}").to_lowercase())
-                        .unwrap_or_else(|| "prune".into())
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} |",
-                w.index + 1,
-                w.ring,
-                md_escape(&w.services.join(", ")),
-                strategies.join(", ")
-            );
-        }
-        let _ = writeln!(s);
-    }
-    // Details, cut to fit: the summary above always survives.
-    let budget = COMMENT_LIMIT - 600;
-    for (title, plan) in [
-        ("Changes against the live system", &r.against_live),
-        ("Changes against the base branch", &r.against_base),
-    ] {
-        if plan.is_empty() {
-            continue;
-        }
-        let details = plan_markdown(plan);
-        let open = format!("<details><summary>{title}</summary>\n\n");
-        let close = "\n</details>\n";
-        if s.len() + open.len() + details.len() + close.len() <= budget {
-            s.push_str(&open);
-            s.push_str(&details);
-            s.push_str(close);
-        } else {
-            let room = budget.saturating_sub(s.len() + open.len() + close.len() + 200);
-            let mut cut = String::new();
-            for line in details.lines() {
-                if cut.len() + line.len() + 1 > room {
-                    break;
-                }
-                cut.push_str(line);
-                cut.push('\n');
-            }
-            s.push_str(&open);
-            s.push_str(&cut);
-            // Close a details block the cut may have left open.
-            if cut.matches("<details>").count() > cut.matches("</details>").count() {
-                s.push_str("\n</details>\n");
-            }
-            let _ = writeln!(
-                s,
-                "\n_…cut to fit a comment; run `sluice plan --base … --head …` for the rest._"
-            );
-            s.push_str(close);
-        }
-    }
-    s
 }
 
 pub fn flags(

@@ -92,6 +92,22 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
+/// `body` with the values at the `redact` paths (dotted) replaced by
+/// "(redacted)": what reports and policies may see of a resource.
+pub fn redact_body<'a>(body: &'a Value, paths: &[String]) -> std::borrow::Cow<'a, Value> {
+    if paths.is_empty() {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut body = body.clone();
+    for path in paths {
+        let pointer = format!("/{}", path.replace('~', "~0").replace('.', "/"));
+        if let Some(v) = body.pointer_mut(&pointer) {
+            *v = Value::String(REDACTED.into());
+        }
+    }
+    std::borrow::Cow::Owned(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,6 +179,28 @@ pub struct PrReport {
     pub expired_flags: Vec<String>,
     /// Head's guardrail findings: a deny blocks the merge's rollout.
     pub guard: guard::Report,
+    /// Per resource the merge changes (by its id as text): its content in
+    /// head, live and base, secrets redacted (on Kubernetes, live as far
+    /// as sluice manages it).
+    pub contents: BTreeMap<String, Contents>,
+    /// How each service of the rollout rolls out ("canary: 10% for 30s →
+    /// 100%").
+    pub rollouts: BTreeMap<String, String>,
+    /// The branch or ref names of base and head, where the caller knows them.
+    pub base_name: Option<String>,
+    pub head_name: Option<String>,
+}
+
+/// One resource on each side of a report, secrets redacted.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Contents {
+    pub head: Option<serde_json::Value>,
+    pub live: Option<serde_json::Value>,
+    pub base: Option<serde_json::Value>,
+    /// Fields whose values are secret: changed or not, never shown.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<String>,
 }
 
 /// Drift of one target against the commit applied to it.
@@ -703,6 +725,7 @@ impl Engine {
             Ok(()) => {
                 let mut state = self.store.load()?;
                 self.record_good(&mut state, &prepared);
+                forget_overwritten_drift(&mut state, &prepared.plan);
                 state.in_progress = None;
                 state.last_error = None;
                 self.store.transition(&mut state, &entry)?;
@@ -1452,7 +1475,7 @@ impl Engine {
                 .map(|c| DriftItem {
                     id: c.id.clone(),
                     service: c.service.clone(),
-                    kind: if c.action == Action::Create {
+                    kind: if c.action == Action::Create || fewer_replicas(&c.fields) {
                         DriftKind::Missing
                     } else {
                         DriftKind::Modified
@@ -1590,6 +1613,42 @@ impl Engine {
                     .collect()
             })
             .unwrap_or_default();
+        let mut contents = BTreeMap::new();
+        for change in live_plan.plan.changes() {
+            let id = &change.id;
+            let want = live_plan.rendered.desired.resources.get(id);
+            let paths = want.map(|r| r.redact.clone()).unwrap_or_default();
+            let show = |v: &serde_json::Value| crate::diff::redact_body(v, &paths).into_owned();
+            let live = live_plan.live.get(id).map(|l| match (&l.managed, want) {
+                (Some(managed), Some(w)) => crate::managed::project(&l.body, &w.body, managed),
+                _ => l.body.clone(),
+            });
+            let head =
+                want.map(
+                    |w| match live_plan.live.get(id).and_then(|l| l.managed.as_ref()) {
+                        Some(_) => crate::managed::normalise_desired(&w.body),
+                        None => w.body.clone(),
+                    },
+                );
+            contents.insert(
+                id.to_string(),
+                Contents {
+                    head: head.as_ref().map(show),
+                    live: live.as_ref().map(show),
+                    base: base_r.desired.resources.get(id).map(|r| show(&r.body)),
+                    redacted: paths.clone(),
+                },
+            );
+        }
+        let rollouts = live_plan
+            .plan
+            .strategies
+            .keys()
+            .filter_map(|svc| {
+                let def = live_plan.rendered.topology.services.get(svc)?;
+                Some((svc.clone(), def.rollout.describe()))
+            })
+            .collect();
         Ok(PrReport {
             base: base.clone(),
             head: head.clone(),
@@ -1598,6 +1657,10 @@ impl Engine {
             drift_overwritten: drift,
             expired_flags,
             guard: live_plan.guard,
+            contents,
+            rollouts,
+            base_name: None,
+            head_name: None,
         })
     }
 
@@ -1776,6 +1839,30 @@ impl Engine {
 
 /// The longest wait between two checks of a wave's gates.
 const MAX_GATE_POLL: Duration = Duration::from_secs(2);
+
+/// A rollout applies its commit whole, as Argo CD's and Flux's syncs do:
+/// drift it re-applied is gone, so the last scan stops listing it.
+fn forget_overwritten_drift(state: &mut AgentState, plan: &Plan) {
+    let Some(scan) = &mut state.drift else {
+        return;
+    };
+    let applied: BTreeSet<String> = plan.changes().map(|c| c.id.to_string()).collect();
+    for items in scan.items.values_mut() {
+        items.retain(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_none_or(|id| !applied.contains(id))
+        });
+    }
+    scan.items.retain(|_, items| !items.is_empty());
+}
+
+/// Whether a resource differs only in having fewer replicas live than
+/// desired: replicas gone, reported as missing.
+fn fewer_replicas(fields: &[crate::diff::FieldChange]) -> bool {
+    matches!(fields, [f] if f.path == "spec.replicas"
+        && f.old.as_ref().and_then(|v| v.as_u64()) < f.new.as_ref().and_then(|v| v.as_u64()))
+}
 
 /// Who each of `ids` on `target` is read, written and deleted as: a
 /// desired resource as render decided, an inventory entry as its service's

@@ -1093,7 +1093,7 @@ impl<'a> Input<'a> {
             documents.push(Document {
                 resource: r.id.to_string(),
                 file: &r.file,
-                body: redacted(&r.body, &r.redact),
+                body: crate::diff::redact_body(&r.body, &r.redact),
                 context: Context::Resource {
                     service: &r.service,
                     target: &r.id.target,
@@ -1252,21 +1252,6 @@ impl<'i> Contexts<'i> {
         }
         Rv::from(m)
     }
-}
-
-/// `body` with the values at `paths` (dotted) replaced by "(redacted)".
-fn redacted<'a>(body: &'a Value, paths: &[String]) -> std::borrow::Cow<'a, Value> {
-    if paths.is_empty() {
-        return std::borrow::Cow::Borrowed(body);
-    }
-    let mut body = body.clone();
-    for path in paths {
-        let pointer = format!("/{}", path.replace('~', "~0").replace('.', "/"));
-        if let Some(v) = body.pointer_mut(&pointer) {
-            *v = Value::String("(redacted)".into());
-        }
-    }
-    std::borrow::Cow::Owned(body)
 }
 
 /// Evaluates every selected rule of `compiled` over `input`, on as many

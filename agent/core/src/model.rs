@@ -641,6 +641,33 @@ pub struct Rollout {
     pub crash_restarts: u32,
 }
 
+impl Rollout {
+    /// How this rollout proceeds, for people: "canary: 10% for 30s → 50%
+    /// for 1m → 100%", "rolling, 1 at a time", "blue-green", "recreate".
+    pub fn describe(&self) -> String {
+        use crate::duration::format;
+        match self.strategy {
+            Strategy::Rolling => format!("rolling, {} at a time", self.max_unavailable),
+            Strategy::Recreate => "recreate: stop, then start".into(),
+            Strategy::Bluegreen => "blue-green: start beside, switch all traffic at once".into(),
+            Strategy::Canary => {
+                let n = self.canary.steps.len();
+                let steps: Vec<String> = (0..n)
+                    .map(|i| {
+                        let w = self.canary.steps[i].weight;
+                        if i + 1 == n {
+                            format!("{w}%")
+                        } else {
+                            format!("{w}% for {}", format(self.canary.duration(i)))
+                        }
+                    })
+                    .collect();
+                format!("canary: {}", steps.join(" → "))
+            }
+        }
+    }
+}
+
 impl Default for Rollout {
     /// The shipped rollout policy's answer for a standard service (the
     /// rollout module's tests keep the two equal); only reached when a

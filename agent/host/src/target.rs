@@ -1087,6 +1087,12 @@ impl HostTarget {
                 } else {
                     Health::Progressing
                 };
+                // Replicas gone (process and supervisor killed by hand, a
+                // reboot) are a difference, not just poor health: drift
+                // reports them missing, a plan or a heal starts them again.
+                if (current.len() as u32) < want {
+                    body["spec"]["replicas"] = json!(current.len());
+                }
                 Some(LiveResource {
                     id: id.clone(),
                     body,
