@@ -104,7 +104,12 @@ fn drift_is_reported_per_policy_healed_where_asked_and_shown_in_metrics() {
     let (_, m) = http_get(agent.port, "/metrics").unwrap();
     assert!(
         m.contains("sluice_drift_resources{target=\"local\"} 1")
-            && m.contains("sluice_heals_total 1"),
+            && m.contains("sluice_heals_total{outcome=\"succeeded\"} 1")
+            && m.contains(
+                "sluice_service_health{target=\"local\",service=\"web\",status=\"missing\"} 1"
+            )
+            && m.contains("sluice_service_synced{target=\"local\",service=\"web\"} 0")
+            && m.contains("sluice_service_synced{target=\"local\",service=\"catalog\"} 1"),
         "{m}"
     );
     assert!(

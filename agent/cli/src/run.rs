@@ -133,6 +133,60 @@ struct Shared {
     wake: Notify,
     /// Set after the first reconcile attempt finished: /readyz.
     ready: std::sync::atomic::AtomicBool,
+    /// The services' health as last observed for /metrics, and when:
+    /// scrapes within [`HEALTH_TTL`] reuse it instead of observing every
+    /// target again.
+    health: tokio::sync::Mutex<Option<(std::time::Instant, ServiceHealth)>>,
+}
+
+/// (target, service) → worst health of its resources, and whether it runs
+/// the applied commit as it is.
+type ServiceHealth =
+    std::collections::BTreeMap<(String, String), (sluice_core::resource::Health, bool)>;
+
+/// How long one observation of the targets serves /metrics scrapes.
+const HEALTH_TTL: Duration = Duration::from_secs(10);
+
+impl Shared {
+    /// Per service: its worst resource health and whether it is synced
+    /// (no drift listed for its resources, no rollout of it under way).
+    async fn service_health(&self) -> ServiceHealth {
+        let mut cache = self.health.lock().await;
+        if let Some((at, h)) = cache.as_ref() {
+            if at.elapsed() < HEALTH_TTL {
+                return h.clone();
+            }
+        }
+        let mut out = ServiceHealth::new();
+        if let Ok(st) = self.engine.status().await {
+            let drifted: std::collections::BTreeSet<String> = st
+                .state
+                .drift
+                .iter()
+                .flat_map(|d| d.items.values().flatten())
+                .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+                .collect();
+            let busy: Vec<String> = st
+                .state
+                .in_progress
+                .iter()
+                .flat_map(|p| p.targets.clone())
+                .collect();
+            for (target, list) in &st.resources {
+                for r in list {
+                    let e = out
+                        .entry((target.clone(), r.service.clone()))
+                        .or_insert((r.health, true));
+                    e.0 = e.0.max(r.health);
+                    if drifted.contains(&r.id.to_string()) || busy.contains(target) {
+                        e.1 = false;
+                    }
+                }
+            }
+        }
+        *cache = Some((std::time::Instant::now(), out.clone()));
+        out
+    }
 }
 
 /// Where the webhook secrets come from.
@@ -322,6 +376,7 @@ pub async fn agent(
         metrics: Metrics::default(),
         wake: Notify::new(),
         ready: false.into(),
+        health: tokio::sync::Mutex::new(None),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(serve(listener, shared.clone(), {
@@ -814,16 +869,18 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         );
     }
     if let Some(history) = &history {
-        let heals = history
-            .iter()
-            .filter(|h| h.kind == sluice_core::store::HistoryKind::Heal)
-            .count();
-        counter(
-            &mut out,
-            "sluice_heals_total",
-            "Drift heals recorded in the history.",
-            heals as u64,
-        );
+        use sluice_core::store::{HistoryKind, Outcome};
+        let _ = writeln!(out, "# HELP sluice_heals_total Drift heals recorded in the history, by outcome (failed: a resource could not be healed, e.g. a field another manager owns).\n# TYPE sluice_heals_total counter");
+        for (outcome, label) in [
+            (Outcome::Succeeded, "succeeded"),
+            (Outcome::Failed, "failed"),
+        ] {
+            let n = history
+                .iter()
+                .filter(|h| h.kind == HistoryKind::Heal && h.outcome == outcome)
+                .count();
+            let _ = writeln!(out, "sluice_heals_total{{outcome=\"{label}\"}} {n}");
+        }
     }
     if let Ok(state) = s.engine.store.load() {
         let _ = writeln!(
@@ -850,6 +907,27 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                     a.commit
                 );
             }
+        }
+        // Per service, as kube-state-metrics does for pods: one series per
+        // status, 1 for the current one.
+        let services = s.service_health().await;
+        let _ = writeln!(out, "# HELP sluice_service_health Health of each service (its worst resource): 1 for its current status, 0 for the others.\n# TYPE sluice_service_health gauge");
+        for ((target, service), (health, _)) in &services {
+            for status in ["healthy", "progressing", "degraded", "missing", "unknown"] {
+                let _ = writeln!(
+                    out,
+                    "sluice_service_health{{target=\"{target}\",service=\"{service}\",status=\"{status}\"}} {}",
+                    u8::from(health.to_string() == status)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP sluice_service_synced Whether the service runs its applied commit as it is: no drift, no rollout under way (1) or not (0).\n# TYPE sluice_service_synced gauge");
+        for ((target, service), (_, synced)) in &services {
+            let _ = writeln!(
+                out,
+                "sluice_service_synced{{target=\"{target}\",service=\"{service}\"}} {}",
+                u8::from(*synced)
+            );
         }
         // Synced: the target runs the newest commit seen on the branch.
         let head = state.source.last_seen.as_ref().map(|r| &r.commit);
