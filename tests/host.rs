@@ -35,6 +35,7 @@ impl Fixture {
             exe: SLUICE.into(),
             port_range: 20000..=29999,
             extra_path: vec![],
+            router_admin: None,
         })
         .unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -54,6 +55,7 @@ impl Fixture {
             exe: SLUICE.into(),
             port_range: 20000..=29999,
             extra_path: vec![],
+            router_admin: None,
         })
         .unwrap()
     }
@@ -259,12 +261,15 @@ fn stop_is_sigterm_then_sigkill_of_the_whole_group() {
 #[test]
 fn a_crashing_process_is_restarted_with_backoff_and_reported_degraded() {
     let f = Fixture::new();
-    let crash = resource(
+    let mut crash = resource(
         "Process",
         "crash",
         shell("sleep 0.1; exit 3", Value::Null, "1s"),
         Strategy::Rolling,
     );
+    // Not the crash-loop check at start (tests/canary.rs has that): the
+    // supervisor's own restarts and the health they give.
+    crash.crash_restarts = Some(1000);
     // Without readiness it only has to be up one period; it is, briefly.
     let _ = f.apply(&crash);
     wait_for("restarts", Duration::from_secs(10), || {
@@ -478,4 +483,70 @@ fn http_artifacts_are_streamed_verified_and_never_left_half_written() {
     );
     f.rt.block_on(f.target.prepare(&[&with(&good)])).unwrap();
     assert_eq!(std::fs::read(cache.join(&good)).unwrap(), payload);
+}
+
+/// The router keeps its admin address (a Prometheus scrape target) and its
+/// counters across a restart: killed with SIGKILL, it is restarted by its
+/// supervisor on the same address, counting on from its persisted
+/// counters, with a new start time.
+#[test]
+fn the_router_keeps_its_address_and_counters_across_a_restart() {
+    let shop = common::Shop::new(&["1.0.0"; 3]);
+    assert_eq!(shop.sluice(&["apply"]).code, 0);
+    let addr = std::fs::read_to_string(shop.state().join("host/local/router.addr"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    for _ in 0..20 {
+        assert_eq!(shop.get("catalog", "/").unwrap().0, 200);
+    }
+    let count = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sluice_router_requests_total{route=\"catalog\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let started = |metrics: &str| -> String {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("sluice_router_start_time_seconds "))
+            .unwrap()
+            .to_string()
+    };
+    // Persisted every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_, before) = http_get(port, "/metrics").unwrap();
+    assert!(count(&before) >= 20, "{before}");
+    let router = common::procs()
+        .into_iter()
+        .find(|p| p.cwd.starts_with(shop.tmp.path()) && p.args.iter().any(|a| a == "router"))
+        .expect("the router process");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &router.pid.to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        if let Ok((200, m)) = http_get(port, "/metrics") {
+            if started(&m) != started(&before) {
+                break m;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router did not come back on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(count(&after) >= count(&before), "{before}\n---\n{after}");
+    assert_eq!(shop.get("catalog", "/").unwrap().0, 200);
+    let status = shop.sluice(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains(&format!("router metrics at http://{addr}/metrics")),
+        "{}",
+        status.all()
+    );
 }

@@ -115,6 +115,16 @@ pub struct Common {
         value_delimiter = ','
     )]
     pub kube_contexts: Vec<String>,
+    /// The admin address (and /metrics) of a host target's router, as
+    /// TARGET=ADDR (repeatable, or comma-separated), e.g.
+    /// local=127.0.0.1:9901. Default: the address the router had last,
+    /// else a free port chosen once and kept.
+    #[arg(
+        long = "router-admin",
+        env = "SLUICE_ROUTER_ADMIN",
+        value_delimiter = ','
+    )]
+    pub router_admin: Vec<String>,
     /// Requests a second to each Kubernetes cluster, on average (as
     /// client-go's QPS).
     #[arg(long, env = "SLUICE_KUBE_QPS", default_value_t = sluice_kube::client::DEFAULT_QPS)]

@@ -27,7 +27,20 @@ pub async fn router(
     addr_file: Option<PathBuf>,
     config: PathBuf,
 ) -> anyhow::Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(admin).await?;
+    // Port 0 means "any": the one this router had before if it is free
+    // (a restart keeps its address, so scrapes keep working), else any.
+    let previous = addr_file
+        .as_ref()
+        .filter(|_| admin.port() == 0)
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse::<SocketAddr>().ok());
+    let listener = match previous {
+        Some(prev) => match tokio::net::TcpListener::bind(prev).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind(admin).await?,
+        },
+        None => tokio::net::TcpListener::bind(admin).await?,
+    };
     if let Some(f) = addr_file {
         let bound = listener.local_addr()?.to_string();
         sluice_core::store::write_file_atomic(&f, bound.as_bytes(), None)?;

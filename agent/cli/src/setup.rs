@@ -122,8 +122,22 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
             })?;
         contexts.insert(target.to_string(), context.to_string());
     }
+    let mut router_admin = BTreeMap::new();
+    for pair in &common.router_admin {
+        let parsed = pair
+            .split_once('=')
+            .and_then(|(t, a)| Some((t, a.parse::<std::net::SocketAddr>().ok()?)))
+            .filter(|(t, _)| !t.is_empty());
+        let Some((target, addr)) = parsed else {
+            return Err(ConfigError(format!(
+                "--router-admin {pair:?}: expected TARGET=ADDRESS, e.g. local=127.0.0.1:9901"
+            )));
+        };
+        router_admin.insert(target.to_string(), addr);
+    }
     let provider = Provider {
         host: HostProvider {
+            router_admin,
             state_dir: dir.join("host"),
             file_root: common
                 .file_root
@@ -318,6 +332,8 @@ fn key_is_encrypted(text: &str) -> bool {
 /// Builds host targets on demand, once each: a host target adopts the
 /// processes it finds, so it must not be built twice per process.
 struct HostProvider {
+    /// target → its router's admin address (`--router-admin`).
+    router_admin: BTreeMap<String, std::net::SocketAddr>,
     state_dir: PathBuf,
     file_root: PathBuf,
     exe: PathBuf,
@@ -342,6 +358,7 @@ impl TargetProvider for HostProvider {
             exe: self.exe.clone(),
             port_range: 20000..=29999,
             extra_path,
+            router_admin: self.router_admin.get(&def.name).copied(),
         })?);
         built.insert(def.name.clone(), target.clone());
         Ok(target)

@@ -76,6 +76,9 @@ pub struct HostConfig {
     pub port_range: RangeInclusive<u16>,
     /// Searched before PATH for a command without a slash.
     pub extra_path: Vec<PathBuf>,
+    /// Where the router's admin API (and its /metrics) listens; None: the
+    /// address its last run had, else a free port chosen once.
+    pub router_admin: Option<SocketAddr>,
 }
 
 pub struct HostTarget {
@@ -835,6 +838,20 @@ impl HostTarget {
         }
         let config = self.cfg.state_dir.join("router.json");
         let addr_file = self.cfg.state_dir.join("router.addr");
+        // A stable admin address (Prometheus scrapes it): the configured
+        // one, else the one the last router had (its port kept across
+        // restarts), else a free port once.
+        let admin = self
+            .cfg
+            .router_admin
+            .map(|a| a.to_string())
+            .or_else(|| {
+                std::fs::read_to_string(&addr_file)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| t.parse::<SocketAddr>().is_ok())
+            })
+            .unwrap_or_else(|| "127.0.0.1:0".into());
         let _ = std::fs::remove_file(&addr_file);
         let spec = LaunchSpec {
             key: ROUTER_KEY.into(),
@@ -846,7 +863,7 @@ impl HostTarget {
             args: vec![
                 "router".into(),
                 "--admin".into(),
-                "127.0.0.1:0".into(),
+                admin,
                 "--addr-file".into(),
                 addr_file.display().to_string(),
                 "--config".into(),
@@ -1136,7 +1153,14 @@ impl HostTarget {
                     Some(cfg) => match cfg.routes.get(&id.name) {
                         Some(r) if r.backends.iter().any(|b| b.weight > 0) => (
                             Health::Healthy,
-                            format!("{} → {} backend(s)", r.listen, r.backends.len()),
+                            format!(
+                                "{} → {} backend(s); router metrics at http://{}/metrics",
+                                r.listen,
+                                r.backends.len(),
+                                std::fs::read_to_string(self.cfg.state_dir.join("router.addr"))
+                                    .unwrap_or_default()
+                                    .trim()
+                            ),
                         ),
                         Some(_) => (Health::Degraded, "no backend".into()),
                         None => (Health::Missing, "not configured in the router".into()),

@@ -28,7 +28,8 @@ use tokio::net::TcpListener;
 
 const THREADS: &str = "2";
 const CONNECTIONS: &str = "32";
-const DURATION: &str = "8s";
+const DURATION: &str = "5s";
+const ROUNDS: usize = 3;
 
 fn main() {
     if !ensure_tools() {
@@ -86,34 +87,44 @@ fn main() {
     let nginx = Nginx::start(nginx_port, backend_a);
 
     println!(
-        "router benchmark: wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION}, one backend (tiny hyper server), same run"
+        "router benchmark: wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION}, one backend (tiny hyper server), {ROUNDS} rounds interleaved in one run, medians"
     );
     // Saturated (throughput), then one connection (the latency a proxy
-    // adds per request, without queueing hiding it).
-    let direct = wrk(backend_a.port());
-    let router = wrk(router_port);
-    let ngx = wrk(nginx_port);
-    let direct1 = wrk_with(backend_a.port(), "1", "1");
-    let router1 = wrk_with(router_port, "1", "1");
-    let ngx1 = wrk_with(nginx_port, "1", "1");
+    // adds per request, without queueing hiding it). Rounds interleave
+    // the three so a busy moment of the machine hits each alike.
+    let ports = [backend_a.port(), router_port, nginx_port];
+    let mut c32: [Vec<Wrk>; 3] = Default::default();
+    let mut c1: [Vec<Wrk>; 3] = Default::default();
+    for _ in 0..ROUNDS {
+        for (i, port) in ports.iter().enumerate() {
+            c32[i].push(wrk(*port));
+            c1[i].push(wrk_with(*port, "1", "1"));
+        }
+    }
     drop(nginx);
+    let median = |v: &[Wrk], f: fn(&Wrk) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
     println!(
         "  {:<20} {:>11} {:>9} | {:>14} {:>9} {:>10}",
         "", "c32 req/s", "c32 p99", "c1 req/s", "c1 p99", "added p99"
     );
-    for (name, r, r1) in [
-        ("backend direct", &direct, &direct1),
-        ("sluice router", &router, &router1),
-        ("nginx (keep-alive)", &ngx, &ngx1),
-    ] {
+    let direct_p99 = median(&c1[0], |w| w.p99_ms);
+    for (i, name) in ["backend direct", "sluice router", "nginx (keep-alive)"]
+        .iter()
+        .enumerate()
+    {
         println!(
-            "  {:<20} {:>11.0} {:>7.2}ms | {:>14.0} {:>7.3}ms {:>8.3}ms",
+            "  {:<20} {:>11.0} {:>7.2}ms | {:>14.0} {:>7.3}ms {:>8.3}ms   (c32 req/s per round: {})",
             name,
-            r.rps,
-            r.p99_ms,
-            r1.rps,
-            r1.p99_ms,
-            r1.p99_ms - direct1.p99_ms
+            median(&c32[i], |w| w.rps),
+            median(&c32[i], |w| w.p99_ms),
+            median(&c1[i], |w| w.rps),
+            median(&c1[i], |w| w.p99_ms),
+            median(&c1[i], |w| w.p99_ms) - direct_p99,
+            c32[i].iter().map(|w| format!("{:.0}", w.rps)).collect::<Vec<_>>().join(", ")
         );
     }
 
@@ -188,6 +199,7 @@ fn reqwest_free_get(port: u16, n: usize) -> usize {
     canary
 }
 
+#[derive(Default)]
 struct Wrk {
     rps: f64,
     p99_ms: f64,

@@ -5,6 +5,6 @@
 mod proxy;
 
 pub use proxy::{
-    serve, AdminClient, Backend, Histogram, RouteConfig, RouteStats, RouterConfig, RouterError,
-    Stats, VersionStats,
+    serve, serve_with, AdminClient, Backend, Histogram, RouteConfig, RouteStats, RouterConfig,
+    RouterError, Stats, VersionStats,
 };
