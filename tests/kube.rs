@@ -245,7 +245,7 @@ impl Cluster {
         self.fake
             .log()
             .into_iter()
-            .filter(|l| l.method == "PATCH")
+            .filter(|l| l.method == "PATCH" && !l.dry_run)
             .map(|l| (l.path, l.field_manager))
             .collect()
     }
@@ -1147,7 +1147,9 @@ fn the_kubernetes_example_rolls_out_in_waves() {
     let log = c.fake.log();
     let applied = |suffix: &str| {
         log.iter()
-            .position(|l| l.method == "PATCH" && l.path.ends_with(suffix) && l.status < 300)
+            .position(|l| {
+                l.method == "PATCH" && !l.dry_run && l.path.ends_with(suffix) && l.status < 300
+            })
             .unwrap_or_else(|| panic!("{suffix} never applied:\n{}", out.all()))
     };
     let ns = applied("/namespaces/shop");

@@ -163,6 +163,8 @@ pub struct Logged {
     pub status: u16,
     /// Whether it was a WATCH (one long-lived request).
     pub watch: bool,
+    /// Whether it was a dry run (`dryRun=All`): nothing written.
+    pub dry_run: bool,
 }
 
 pub(crate) struct Inner {
@@ -571,6 +573,7 @@ async fn handle(State(shared): State<Arc<Mutex<Inner>>>, req: Request) -> Respon
                     field_manager: None,
                     status: 200,
                     watch: true,
+                    dry_run: false,
                 });
                 drop(guard);
                 return watch::start(shared.clone(), w);
@@ -586,6 +589,7 @@ async fn handle(State(shared): State<Arc<Mutex<Inner>>>, req: Request) -> Respon
         field_manager: query.get("fieldManager").cloned(),
         status: response.status().as_u16(),
         watch: false,
+        dry_run: query.contains_key("dryRun"),
     });
     response
 }
