@@ -5,6 +5,7 @@
 
 mod demo;
 mod forge;
+mod hostexec;
 mod output;
 mod prometheus;
 mod report;
@@ -134,7 +135,50 @@ pub struct Common {
     #[arg(long, env = "SLUICE_KUBE_BURST", default_value_t = sluice_kube::client::DEFAULT_BURST)]
     pub kube_burst: u32,
     #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
     pub forge: ForgeArgs,
+}
+
+/// How host targets with an `ssh:` destination (and host groups) are
+/// reached: the system OpenSSH client, its config and known_hosts.
+#[derive(Args, Clone, Debug)]
+pub struct FleetArgs {
+    /// An ssh config file instead of ~/.ssh/config (ssh -F).
+    #[arg(long, env = "SLUICE_FLEET_SSH_CONFIG")]
+    pub fleet_ssh_config: Option<PathBuf>,
+    /// The private key to use, and only it (ssh -i, IdentitiesOnly).
+    /// Default: the ssh config's and the ssh agent's keys.
+    #[arg(long, env = "SLUICE_FLEET_SSH_KEY")]
+    pub fleet_ssh_key: Option<PathBuf>,
+    /// The known_hosts file host keys are checked against (default:
+    /// ~/.ssh/known_hosts, or what the ssh config says).
+    #[arg(long, env = "SLUICE_FLEET_KNOWN_HOSTS")]
+    pub fleet_known_hosts: Option<PathBuf>,
+    /// Trust a host's key on first connection and record it (ssh's
+    /// StrictHostKeyChecking=accept-new). Off: an unknown key fails.
+    #[arg(long, env = "SLUICE_FLEET_ACCEPT_NEW_HOST_KEYS")]
+    pub fleet_accept_new_host_keys: bool,
+    /// Hosts worked on at once (commands in flight across the fleet).
+    #[arg(long, env = "SLUICE_FLEET_PARALLEL", default_value_t = 10)]
+    pub fleet_parallel: usize,
+    /// Connecting to a host (TCP and handshake).
+    #[arg(long, env = "SLUICE_FLEET_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub fleet_connect_timeout: Duration,
+    /// A read on a host (observe, status); changes get --fleet-apply-timeout.
+    #[arg(long, env = "SLUICE_FLEET_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub fleet_timeout: Duration,
+    /// A change on a host (apply, stage, install): it may wait for
+    /// processes to become ready.
+    #[arg(long, env = "SLUICE_FLEET_APPLY_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub fleet_apply_timeout: Duration,
+    /// Keepalive interval: a host silent for three is taken as gone.
+    #[arg(long, env = "SLUICE_FLEET_ALIVE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub fleet_alive_interval: Duration,
+    /// The sluice binary installed on hosts (default: this one). For hosts
+    /// of another platform, or an older libc, e.g. a static musl build.
+    #[arg(long, env = "SLUICE_FLEET_SLUICE")]
+    pub fleet_sluice: Option<PathBuf>,
 }
 
 /// Where reports and revert pull requests go (optional for every command
@@ -331,6 +375,22 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Internal: one operation of the host target, as an agent sends it to
+    /// a remote host over SSH (JSON request on stdin, response on stdout).
+    #[command(hide = true, name = "host-exec")]
+    HostExec {
+        /// The target this host is in sluice.yaml.
+        #[arg(long)]
+        target: String,
+        /// Where this host keeps sluice's state and files (default:
+        /// $SLUICE_HOME, else /var/lib/sluice for root, else
+        /// ~/.local/share/sluice).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The router's admin address on this host.
+        #[arg(long)]
+        router_admin: Option<SocketAddr>,
+    },
     /// Internal: supervise one process instance (started by the host target).
     #[command(hide = true)]
     Supervise {
@@ -422,6 +482,11 @@ fn main() -> ExitCode {
             addr_file,
             config,
         } => runtime(|| run::router(admin, addr_file, config)),
+        Command::HostExec {
+            target,
+            dir,
+            router_admin,
+        } => plain_runtime(hostexec::main(target, dir, router_admin), 2),
         Command::Run {
             common,
             interval,

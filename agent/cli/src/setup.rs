@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sha2::Digest as _;
 use sluice_core::clock::SystemClock;
 use sluice_core::engine::Engine;
 use sluice_core::model::{TargetDef, TargetKind};
@@ -135,8 +136,30 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         };
         router_admin.insert(target.to_string(), addr);
     }
+    let fleet = sluice_fleet::Fleet::new(
+        sluice_fleet::SshOptions {
+            config: common.fleet.fleet_ssh_config.clone(),
+            identity: common.fleet.fleet_ssh_key.clone(),
+            known_hosts: common.fleet.fleet_known_hosts.clone(),
+            accept_new_host_keys: common.fleet.fleet_accept_new_host_keys,
+            connect_timeout: common.fleet.fleet_connect_timeout,
+            read_timeout: common.fleet.fleet_timeout,
+            write_timeout: common.fleet.fleet_apply_timeout,
+            alive_interval: common.fleet.fleet_alive_interval,
+            persist: Duration::from_secs(600),
+            control_dir: ssh_control_dir(&dir),
+        },
+        common
+            .fleet
+            .fleet_sluice
+            .clone()
+            .unwrap_or_else(|| exe.clone()),
+        common.fleet.fleet_parallel,
+        router_admin.clone(),
+    );
     let provider = Provider {
         host: HostProvider {
+            fleet,
             router_admin,
             state_dir: dir.join("host"),
             file_root: common
@@ -329,9 +352,23 @@ fn key_is_encrypted(text: &str) -> bool {
     rest.get(4..4 + len).is_some_and(|cipher| cipher != b"none")
 }
 
+/// Where ssh's control sockets go: under the state folder, unless that
+/// path is too long for a Unix socket (108 bytes with ssh's temporary
+/// suffix), then a private folder in the temporary directory.
+fn ssh_control_dir(state: &Path) -> PathBuf {
+    let dir = state.join("ssh");
+    if dir.as_os_str().len() <= 60 {
+        return dir;
+    }
+    let tag = hex::encode(&sha2::Sha256::digest(state.as_os_str().as_encoded_bytes())[..6]);
+    std::env::temp_dir().join(format!("sluice-ssh-{tag}"))
+}
+
 /// Builds host targets on demand, once each: a host target adopts the
 /// processes it finds, so it must not be built twice per process.
 struct HostProvider {
+    /// Remote hosts (a target with `ssh:`).
+    fleet: sluice_fleet::Fleet,
     /// target → its router's admin address (`--router-admin`).
     router_admin: BTreeMap<String, std::net::SocketAddr>,
     state_dir: PathBuf,
@@ -345,6 +382,11 @@ impl TargetProvider for HostProvider {
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = built.get(&def.name) {
             return Ok(t.clone());
+        }
+        if let Some(dest) = &def.ssh {
+            let target: Arc<dyn Target> = Arc::new(self.fleet.host(&def.name, dest));
+            built.insert(def.name.clone(), target.clone());
+            return Ok(target);
         }
         let extra_path = self
             .exe

@@ -68,6 +68,10 @@ pub enum EngineError {
     },
     #[error("commit {commit} is denied by policy; nothing applied:\n  {}", .denies.join("\n  "))]
     Denied { commit: String, denies: Vec<String> },
+    /// Some targets could not be brought back (a revert goes on past
+    /// them); target → why.
+    #[error("{} target(s) not done: {}", .failed.len(), .failed.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; "))]
+    Partial { failed: BTreeMap<String, String> },
 }
 
 impl EngineError {
@@ -144,6 +148,9 @@ pub struct Prepared {
     /// A lost inventory rebuilt from the live resources' marks, for the
     /// write paths to save (read-only ones, `plan` and reports, do not).
     pub rebuilt: Option<AgentState>,
+    /// Targets that could not be observed, left out of the plan (reverts
+    /// and drift scans go on without them; target → why).
+    pub unreachable: BTreeMap<String, String>,
 }
 
 /// Per target and resource, what `sluice status` shows.
@@ -354,18 +361,21 @@ impl Engine {
             }
         })?;
         let state = self.store.load()?;
-        self.prepare_rendered(rendered, &state, None, Some(&pack))
+        self.prepare_rendered(rendered, &state, None, Some(&pack), false)
             .await
     }
 
     /// Observes and plans a rendered commit; evaluates `pack` over it
-    /// (None for reverts: they go back to a commit that ran).
+    /// (None for reverts: they go back to a commit that ran). `tolerant`:
+    /// a target that cannot be observed is left out (see
+    /// [`Prepared::unreachable`]) rather than failing the whole.
     async fn prepare_rendered(
         &self,
         mut rendered: Rendered,
         state: &AgentState,
         only: Option<&BTreeSet<String>>,
         pack: Option<&guard::Pack>,
+        tolerant: bool,
     ) -> Result<Prepared, EngineError> {
         if let Some(only) = only {
             rendered
@@ -380,13 +390,21 @@ impl Engine {
             }
             targets.insert(def.name.clone(), self.target(def)?);
         }
+        // A target the commit does not name (one a later, failed commit
+        // added) is still reached through its record: what sluice created
+        // there goes.
+        for name in only.into_iter().flatten() {
+            if let (false, Some(rec)) = (targets.contains_key(name), state.targets.get(name)) {
+                targets.insert(name.clone(), self.target(&recorded_def(name, rec))?);
+            }
+        }
         let rebuilt = match &state.lost {
             Some(_) => Some(self.rebuild(state, &rendered, &targets).await),
             None => None,
         };
         let state = rebuilt.as_ref().unwrap_or(state);
         let mut inventory = Inventory::new();
-        let mut live = BTreeMap::new();
+        let mut observing = Vec::new();
         for (name, target) in &targets {
             let record = state.targets.get(name);
             let mut ids: BTreeSet<ResourceId> = rendered
@@ -400,8 +418,29 @@ impl Engine {
             }
             let ids: Vec<_> = ids.into_iter().collect();
             target.act_as(&users_of(&rendered, name, &ids, &inventory));
-            live.extend(target.observe(&ids).await?);
+            observing.push(async move { (name.clone(), target.observe(&ids).await) });
         }
+        // Every target at once: a fleet is observed in one round trip's time.
+        let mut live = BTreeMap::new();
+        let mut unreachable = BTreeMap::new();
+        for (name, observed) in futures_util::future::join_all(observing).await {
+            match observed {
+                Ok(l) => live.extend(l),
+                Err(e) if tolerant => {
+                    warn!(target = %name, error = %e, "target not observed; left out");
+                    unreachable.insert(name, e.to_string());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // What cannot be seen is not planned: nothing is applied to it and
+        // nothing of it pruned.
+        targets.retain(|name, _| !unreachable.contains_key(name));
+        rendered
+            .desired
+            .resources
+            .retain(|id, _| !unreachable.contains_key(&id.target));
+        inventory.retain(|id, _| !unreachable.contains_key(&id.target));
         // An inventory not yet rebuilt prunes nothing.
         let prunable = if state.lost.is_some() {
             Inventory::new()
@@ -433,6 +472,7 @@ impl Engine {
             plan,
             guard,
             rebuilt,
+            unreachable,
         })
     }
 
@@ -771,9 +811,41 @@ impl Engine {
                 // marks itself next. Killed in between, the restart finds a
                 // deploy in progress of a commit recorded as failed and
                 // finishes its revert (see `finish_interrupted`).
+                // What the rollout reached: the waves up to the failed one
+                // (that one too, unless it failed before anything of it was
+                // applied, a target being down), and what a resumed run had
+                // applied. Only those go back; the others never changed.
+                let failed_wave = state.in_progress.as_ref().map_or(0, |p| p.wave);
+                let applied_nothing = entry
+                    .decision
+                    .as_ref()
+                    .is_some_and(|d| d.gate == "reachable");
+                let reached: Vec<String> = prepared
+                    .plan
+                    .waves
+                    .iter()
+                    .filter(|w| {
+                        w.index < failed_wave || (w.index == failed_wave && !applied_nothing)
+                    })
+                    .flat_map(|w| &w.changes)
+                    .map(|c| &c.id)
+                    .chain(&resume)
+                    .map(|id| id.target.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                if reached.is_empty() {
+                    warn!(commit = %revision.commit, error = %reason, "rollout stopped before anything was applied; nothing to revert");
+                    state.in_progress = None;
+                    self.store.transition(&mut state, &entry)?;
+                    return Ok(Reconciled::Rejected {
+                        plan: prepared.plan,
+                        error: reason,
+                    });
+                }
                 self.store.transition(&mut state, &entry)?;
                 let reverted_to = if kind == HistoryKind::Deploy {
-                    self.revert_targets(&touched, None).await?
+                    self.revert_targets(&reached, None).await?
                 } else {
                     self.mark(|s| s.in_progress = None)?;
                     None
@@ -794,7 +866,7 @@ impl Engine {
     /// Prepares (downloads, verifies, dry-runs) every change on its target,
     /// before anything is written.
     async fn prepare_targets(&self, prepared: &Prepared) -> Result<(), EngineError> {
-        for (name, target) in &prepared.targets {
+        let preparing = prepared.targets.iter().filter_map(|(name, target)| {
             let wanted: Vec<&DesiredResource> = prepared
                 .plan
                 .changes()
@@ -803,9 +875,10 @@ impl Engine {
                 })
                 .filter_map(|c| prepared.rendered.desired.resources.get(&c.id))
                 .collect();
-            if !wanted.is_empty() {
-                target.prepare(&wanted).await?;
-            }
+            (!wanted.is_empty()).then_some(async move { target.prepare(&wanted).await })
+        });
+        for prepared in futures_util::future::join_all(preparing).await {
+            prepared?;
         }
         Ok(())
     }
@@ -835,6 +908,9 @@ impl Engine {
             );
             self.gate(prepared, 0, &services, resume).await?;
         }
+        // A revert goes on past a target that fails (a host that is down):
+        // every other target still goes back; the failed ones stay pending.
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
         for wave in &prepared.plan.waves {
             let step = format!(
                 "apply wave {}/{}",
@@ -843,72 +919,140 @@ impl Engine {
             );
             self.progress(wave.index, &step).map_err(|e| (e, None))?;
             info!(wave = wave.index + 1, services = ?wave.services, ring = wave.ring, "applying wave");
-            let mut applied = Vec::new();
-            let mut wave_result = Ok(());
+            let apply_failed = |gate: &str, measurement: String, threshold: &str| Decision {
+                at: self.clock.now(),
+                wave: wave.index + 1,
+                gate: gate.into(),
+                resource: None,
+                measurement,
+                threshold: threshold.into(),
+                restored_ms: None,
+            };
+            // Every target of a gated wave must answer before anything of
+            // the wave is applied to any of them.
+            if gated {
+                let names: BTreeSet<&str> =
+                    wave.changes.iter().map(|c| c.id.target.as_str()).collect();
+                let checks = names.iter().filter_map(|n| {
+                    let target = prepared.targets.get(*n)?;
+                    Some(async move { (*n, target.reachable().await) })
+                });
+                let down: Vec<(&str, TargetError)> = futures_util::future::join_all(checks)
+                    .await
+                    .into_iter()
+                    .filter_map(|(n, r)| Some((n, r.err()?)))
+                    .collect();
+                if let Some((_, e)) = down.into_iter().next() {
+                    let decision = apply_failed(
+                        "reachable",
+                        e.to_string(),
+                        "every target of the wave answers before it is applied",
+                    );
+                    return Err((e.into(), Some(decision)));
+                }
+            }
+            let mut by_target: BTreeMap<&str, Vec<&crate::plan::Change>> = BTreeMap::new();
             for change in &wave.changes {
-                let Some(target) = prepared.targets.get(&change.id.target) else {
-                    continue;
-                };
-                let desired = prepared.rendered.desired.resources.get(&change.id);
-                if let (true, Action::Update, Some(r)) = (gated, change.action, desired) {
-                    if let Some(traffic) = self.progressive_for(prepared, target.as_ref(), r).await
-                    {
-                        let result = self.progressive(prepared, wave.index, traffic, r).await;
-                        self.record_inventory(
+                if !failed.contains_key(&change.id.target) {
+                    by_target.entry(&change.id.target).or_default().push(change);
+                }
+            }
+            // Targets of a wave go at once (a fleet's hosts in parallel; the
+            // SSH layer bounds how many); each target's changes in order.
+            // One canary at a time: its split is what a restart resumes.
+            let one_canary = tokio::sync::Mutex::new(());
+            let runs = by_target.into_iter().map(|(name, changes)| {
+                let one_canary = &one_canary;
+                async move {
+                    let mut applied = Vec::new();
+                    let Some(target) = prepared.targets.get(name) else {
+                        return (name, applied, Ok(()));
+                    };
+                    for change in changes {
+                        let desired = prepared.rendered.desired.resources.get(&change.id);
+                        if let (true, Action::Update, Some(r)) = (gated, change.action, desired) {
+                            if let Some(traffic) =
+                                self.progressive_for(prepared, target.as_ref(), r).await
+                            {
+                                let _one = one_canary.lock().await;
+                                let result =
+                                    self.progressive(prepared, wave.index, traffic, r).await;
+                                if let Err(e) = self.record_inventory(
+                                    prepared,
+                                    change.action,
+                                    &change.id,
+                                    &change.service,
+                                    true,
+                                ) {
+                                    return (name, applied, Err((e, None)));
+                                }
+                                if let Err(e) = result {
+                                    return (name, applied, Err(e));
+                                }
+                                applied.push(change.id.clone());
+                                continue;
+                            }
+                        }
+                        let result = match change.action {
+                            Action::Create | Action::Update => match desired {
+                                Some(r) => target.apply(r).await.map(|()| {
+                                    applied.push(change.id.clone());
+                                }),
+                                None => Ok(()),
+                            },
+                            // The target releases what it must not delete.
+                            Action::Delete | Action::Release => target.delete(&change.id).await,
+                            Action::Unchanged => Ok(()),
+                        };
+                        // Inventory first: whatever was created is recorded
+                        // even if a later change of the wave fails.
+                        if let Err(e) = self.record_inventory(
                             prepared,
                             change.action,
                             &change.id,
                             &change.service,
-                            true,
-                        )
-                        .map_err(|e| (e, None))?;
-                        result?;
-                        applied.push(change.id.clone());
-                        continue;
+                            result.is_ok(),
+                        ) {
+                            return (name, applied, Err((e, None)));
+                        }
+                        if let Err(e) = result {
+                            let decision = apply_failed(
+                                "apply",
+                                e.to_string(),
+                                "every change of the wave applies",
+                            );
+                            return (name, applied, Err((e.into(), Some(decision))));
+                        }
+                    }
+                    (name, applied, Ok(()))
+                }
+            });
+            let mut applied = Vec::new();
+            let mut first_error = None;
+            for (name, done, result) in futures_util::future::join_all(runs).await {
+                applied.extend(done);
+                if let Err((e, decision)) = result {
+                    if matches!(e, EngineError::Store(_)) {
+                        return Err((e, decision));
+                    }
+                    if gated {
+                        first_error.get_or_insert((e, decision));
+                    } else {
+                        warn!(target = %name, error = %e, "target not reverted; retried by every reconcile");
+                        failed.insert(name.to_string(), e.to_string());
                     }
                 }
-                let result = match change.action {
-                    Action::Create | Action::Update => match desired {
-                        Some(r) => target.apply(r).await.map(|()| {
-                            applied.push(change.id.clone());
-                        }),
-                        None => Ok(()),
-                    },
-                    // The target releases what it must not delete.
-                    Action::Delete | Action::Release => target.delete(&change.id).await,
-                    Action::Unchanged => Ok(()),
-                };
-                // Inventory first: whatever was created is recorded even if
-                // a later change of the wave fails.
-                self.record_inventory(
-                    prepared,
-                    change.action,
-                    &change.id,
-                    &change.service,
-                    result.is_ok(),
-                )
-                .map_err(|e| (e, None))?;
-                if let Err(e) = result {
-                    wave_result = Err(e);
-                    break;
-                }
             }
-            if let Err(e) = wave_result {
-                let decision = Decision {
-                    at: self.clock.now(),
-                    wave: wave.index + 1,
-                    gate: "apply".into(),
-                    resource: None,
-                    measurement: e.to_string(),
-                    threshold: "every change of the wave applies".into(),
-                    restored_ms: None,
-                };
-                return Err((e.into(), Some(decision)));
+            if let Some(failure) = first_error {
+                return Err(failure);
             }
             if gated && !applied.is_empty() {
                 self.gate(prepared, wave.index, &wave.services, &applied)
                     .await?;
             }
+        }
+        if !failed.is_empty() {
+            return Err((EngineError::Partial { failed }, None));
         }
         Ok(())
     }
@@ -1068,12 +1212,13 @@ impl Engine {
         for id in ids {
             by_target.entry(&id.target).or_default().push(id.clone());
         }
+        let observing = by_target.into_iter().filter_map(|(name, ids)| {
+            let target = prepared.targets.get(name)?;
+            Some(async move { (target.observe(&ids).await, ids) })
+        });
         let mut out = BTreeMap::new();
-        for (name, ids) in by_target {
-            let Some(target) = prepared.targets.get(name) else {
-                continue;
-            };
-            match target.observe(&ids).await {
+        for (observed, ids) in futures_util::future::join_all(observing).await {
+            match observed {
                 Ok(l) => out.extend(l),
                 Err(e) => {
                     for id in ids {
@@ -1129,7 +1274,7 @@ impl Engine {
         let only: BTreeSet<String> = targets.iter().cloned().collect();
         let state = self.store.load()?;
         let mut prepared = self
-            .prepare_rendered(rendered, &state, Some(&only), None)
+            .prepare_rendered(rendered, &state, Some(&only), None, true)
             .await?;
         self.keep_rebuilt(&prepared)?;
         prepared.plan.waves.reverse();
@@ -1160,9 +1305,36 @@ impl Engine {
         let (created, updated, deleted) = counts(&prepared.plan);
         let mut state = self.store.load()?;
         let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        // Which targets are still not back: those the revert went past, or
+        // all of them when it stopped as a whole (the store, a render).
+        let mut pending: BTreeMap<String, String> = match &result {
+            Ok(()) => BTreeMap::new(),
+            Err((EngineError::Partial { failed }, _)) => failed.clone(),
+            Err((e, _)) => prepared
+                .targets
+                .keys()
+                .map(|t| (t.clone(), e.to_string()))
+                .collect(),
+        };
+        pending.extend(prepared.unreachable.clone());
+        for (name, e) in &pending {
+            if !prepared.targets.contains_key(name) {
+                state.targets.entry(name.clone()).or_default().last_error =
+                    Some(format!("revert to {} pending: {e}", commit.short()));
+            }
+        }
+        let error = match (&error, pending.is_empty()) {
+            (None, false) => Some(
+                EngineError::Partial {
+                    failed: pending.clone(),
+                }
+                .to_string(),
+            ),
+            _ => error,
+        };
         for name in prepared.targets.keys() {
             let rec = state.targets.entry(name.clone()).or_default();
-            match &error {
+            match pending.get(name) {
                 None => {
                     let deployed = self.deployed(&prepared, name);
                     rec.applied = Some(deployed.clone());
@@ -1173,22 +1345,29 @@ impl Engine {
                 }
             }
         }
-        // A failed revert stays in progress: the next reconcile tries again
-        // (live is on no whole commit until it succeeds).
+        // A failed revert stays in progress for the targets not back yet:
+        // the next reconcile tries them again (live is on no whole commit
+        // until it succeeds); status lists them as pending.
         state.in_progress = match (&error, state.in_progress.take()) {
             (Some(_), Some(mut p)) => {
                 p.attempts = attempts + 1;
+                p.targets.retain(|t| pending.contains_key(t));
+                if p.targets.is_empty() {
+                    p.targets = pending.keys().cloned().collect();
+                }
                 Some(p)
             }
             _ => None,
         };
+        let outcome = match result {
+            Err((e, _)) => Err(e),
+            Ok(()) if pending.is_empty() => Ok(()),
+            Ok(()) => Err(EngineError::Partial { failed: pending }),
+        };
         if error.is_some() && attempts > 0 {
             // Recorded once, at the first failure; retries only count.
             self.store.save(&state)?;
-            return match result {
-                Ok(()) => Ok(Some(commit)),
-                Err((e, _)) => Err(e),
-            };
+            return outcome.map(|()| Some(commit));
         }
         let mut entry = HistoryEntry::of(
             HistoryKind::Revert,
@@ -1201,12 +1380,12 @@ impl Engine {
         (entry.created, entry.updated, entry.deleted) = (created, updated, deleted);
         entry.duration_ms = started.elapsed().as_millis() as u64;
         self.store.transition(&mut state, &entry)?;
-        match result {
+        match outcome {
             Ok(()) => {
                 info!(commit = %commit, ms = started.elapsed().as_millis() as u64, "revert done");
                 Ok(Some(commit))
             }
-            Err((e, _)) => Err(e),
+            Err(e) => Err(e),
         }
     }
 
@@ -1289,7 +1468,7 @@ impl Engine {
         let (snapshot, mut rendered) = self.render_commit(&commit).await?;
         rendered.desired.resources.clear();
         let prepared = self
-            .prepare_rendered(rendered, &state, Some(&names), None)
+            .prepare_rendered(rendered, &state, Some(&names), None, false)
             .await?;
         self.keep_rebuilt(&prepared)?;
         let mut plan = prepared.plan.clone();
@@ -1352,17 +1531,13 @@ impl Engine {
             warn!("a transition was cut short by a restart; its history entry is recorded now");
         }
         // The targets' own machinery first (orphaned processes adopted).
-        for (name, rec) in &self.store.load()?.targets {
-            let def = TargetDef {
-                name: name.clone(),
-                kind: rec.kind.unwrap_or(TargetKind::Host),
-                ring: 0,
-                service_account_name: None,
-            };
-            let Ok(target) = self.target(&def) else {
-                continue;
-            };
-            match target.maintain().await {
+        let records = self.store.load()?.targets;
+        let maintaining = records.iter().filter_map(|(name, rec)| {
+            let target = self.target(&recorded_def(name, rec)).ok()?;
+            Some(async move { (name, target.maintain().await) })
+        });
+        for (name, result) in futures_util::future::join_all(maintaining).await {
+            match result {
                 Ok(fixed) if !fixed.is_empty() => {
                     warn!(target = %name, instances = ?fixed, "processes whose supervisor died adopted again")
                 }
@@ -1459,18 +1634,40 @@ impl Engine {
     pub async fn drift_scan(&self, heal: bool) -> Result<Vec<DriftReport>, EngineError> {
         let state = self.store.load()?;
         let mut reports = Vec::new();
+        // Targets on the same commit are rendered once and observed at once
+        // (a fleet: one render, one round trip per host in parallel).
+        let mut by_commit: BTreeMap<&CommitId, BTreeSet<String>> = BTreeMap::new();
         for (name, rec) in &state.targets {
-            let Some(applied) = &rec.applied else {
+            if let Some(applied) = &rec.applied {
+                by_commit
+                    .entry(&applied.commit)
+                    .or_default()
+                    .insert(name.clone());
+            }
+        }
+        let mut scanned = BTreeMap::new();
+        for (commit, names) in by_commit {
+            let (_, rendered) = self.render_commit(commit).await?;
+            let prepared = Arc::new(
+                self.prepare_rendered(rendered, &state, Some(&names), None, true)
+                    .await?,
+            );
+            // A host that is down is not scanned (it has no drift to tell
+            // until it answers); the others are.
+            for name in names {
+                if !prepared.unreachable.contains_key(&name) {
+                    scanned.insert(name, prepared.clone());
+                }
+            }
+        }
+        for (name, prepared) in scanned {
+            let Some(applied) = state.targets.get(&name).and_then(|r| r.applied.as_ref()) else {
                 continue;
             };
-            let (_, rendered) = self.render_commit(&applied.commit).await?;
-            let only: BTreeSet<String> = [name.clone()].into();
-            let prepared = self
-                .prepare_rendered(rendered, &state, Some(&only), None)
-                .await?;
             let items: Vec<DriftItem> = prepared
                 .plan
                 .changes()
+                .filter(|c| c.id.target == name)
                 .filter(|c| !matches!(c.action, Action::Delete | Action::Release))
                 .map(|c| DriftItem {
                     id: c.id.clone(),
@@ -1668,18 +1865,18 @@ impl Engine {
     pub async fn status(&self) -> Result<Status, EngineError> {
         let state = self.store.load()?;
         let mut resources = BTreeMap::new();
-        for (name, rec) in &state.targets {
-            let def = TargetDef {
-                name: name.clone(),
-                kind: rec.kind.unwrap_or(TargetKind::Host),
-                ring: 0,
-                service_account_name: None,
-            };
+        let observing = state.targets.iter().map(|(name, rec)| async move {
             let ids: Vec<_> = rec.inventory.keys().cloned().collect();
-            let live = match self.target(&def) {
-                Ok(t) => t.observe(&ids).await.ok(),
-                Err(_) => None,
-            };
+            let t = self.target(&recorded_def(name, rec)).ok()?;
+            // A host that does not answer shows as unknown, at once: status
+            // must answer while part of a fleet is down.
+            tokio::time::timeout(STATUS_OBSERVE_TIMEOUT, t.observe(&ids))
+                .await
+                .ok()?
+                .ok()
+        });
+        let observed = futures_util::future::join_all(observing).await;
+        for ((name, rec), live) in state.targets.iter().zip(observed) {
             let list = rec
                 .inventory
                 .iter()
@@ -1767,6 +1964,13 @@ impl Engine {
         for (name, target) in &prepared.targets {
             let rec = state.targets.entry(name.clone()).or_default();
             rec.kind = Some(target.kind());
+            rec.ssh = prepared
+                .rendered
+                .topology
+                .targets
+                .iter()
+                .find(|t| &t.name == name)
+                .and_then(|t| t.ssh.clone());
             let deployed = self.deployed(prepared, name);
             rec.applied = Some(deployed.clone());
             rec.last_good = Some(deployed);
@@ -1819,9 +2023,21 @@ impl Engine {
         ok: bool,
     ) -> Result<(), EngineError> {
         let kind = prepared.targets.get(&id.target).map(|t| t.kind());
+        let ssh = prepared
+            .rendered
+            .topology
+            .targets
+            .iter()
+            .find(|t| t.name == id.target)
+            .and_then(|t| t.ssh.clone());
         self.mark(|s| {
             let rec: &mut TargetRecord = s.targets.entry(id.target.clone()).or_default();
             rec.kind = rec.kind.or(kind);
+            // Where a remote host is, for a revert or status without its
+            // commit.
+            if ssh.is_some() {
+                rec.ssh = ssh;
+            }
             match action {
                 // Recorded even when the apply failed: it may have created
                 // something part-way, and only the inventory is ever pruned.
@@ -1837,8 +2053,23 @@ impl Engine {
     }
 }
 
+/// How long status waits for one target's live state.
+const STATUS_OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The longest wait between two checks of a wave's gates.
 const MAX_GATE_POLL: Duration = Duration::from_secs(2);
+
+/// The target a record is about, as far as the record knows it (for
+/// status and maintenance, which run without a commit).
+fn recorded_def(name: &str, rec: &crate::store::TargetRecord) -> TargetDef {
+    TargetDef {
+        name: name.to_string(),
+        kind: rec.kind.unwrap_or(TargetKind::Host),
+        ring: 0,
+        service_account_name: None,
+        ssh: rec.ssh.clone(),
+    }
+}
 
 /// A rollout applies its commit whole, as Argo CD's and Flux's syncs do:
 /// drift it re-applied is gone, so the last scan stops listing it.

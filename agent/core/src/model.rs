@@ -23,7 +23,12 @@ pub struct Topology {
     pub kind: TopologyKind,
     #[serde(default)]
     pub defaults: Defaults,
+    #[serde(default)]
     pub targets: Vec<TargetDef>,
+    /// Fleets of hosts declared once; each host becomes a target of its
+    /// own (named `<group>-<host>`), in rings (see [`HostGroup`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_groups: Vec<HostGroup>,
     pub services: BTreeMap<String, ServiceDef>,
     /// Sync windows: when rollouts may run (reverts always may).
     #[serde(default)]
@@ -111,6 +116,123 @@ pub struct TargetDef {
     /// `serviceAccountName` wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+    /// Host: a remote host, reached over SSH: `[user@]host[:port]` or an
+    /// alias of the ssh config. None: the machine the agent runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
+}
+
+/// A group of hosts declared once, rolled out ring by ring:
+///
+/// ```yaml
+/// hostGroups:
+///   - name: web
+///     hosts: [deploy@10.0.0.11, deploy@10.0.0.12, web-3, web-4, web-5]
+///     rings: [1, 25%, 100%]   # one host, then a quarter, then the rest
+/// ```
+///
+/// Each host is a target `<group>-<host>`; a service naming the group in
+/// its `targets` runs on all of them.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostGroup {
+    pub name: String,
+    pub hosts: Vec<GroupHost>,
+    /// How many hosts each ring takes, in order: a count or a share of the
+    /// group (rounded up); the last ring takes whatever is left, as
+    /// Ansible's `serial: [1, "25%", "100%"]` batches. Empty: one ring.
+    #[serde(default)]
+    pub rings: Vec<Share>,
+    /// The group's first ring, to line it up with other targets.
+    #[serde(default)]
+    pub ring: u32,
+}
+
+/// One host of a group: its SSH destination, or that with a name and a
+/// ring of its own.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum GroupHost {
+    Ssh(String),
+    Host {
+        ssh: String,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        ring: Option<u32>,
+    },
+}
+
+impl GroupHost {
+    pub fn ssh(&self) -> &str {
+        match self {
+            GroupHost::Ssh(s) | GroupHost::Host { ssh: s, .. } => s,
+        }
+    }
+
+    /// The host's part of its target name: its own name, else the host of
+    /// its destination (`deploy@web-3.example:2222` → `web-3-example`).
+    pub fn short_name(&self) -> String {
+        if let GroupHost::Host { name: Some(n), .. } = self {
+            return n.clone();
+        }
+        let s = self.ssh();
+        let host = s.rsplit_once('@').map_or(s, |(_, h)| h);
+        let host = match host.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+            _ => host,
+        };
+        host.trim_matches(['[', ']'])
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    }
+}
+
+impl HostGroup {
+    /// The targets the group stands for, rings assigned.
+    pub fn targets(&self) -> Vec<TargetDef> {
+        let n = self.hosts.len();
+        let mut rings = Vec::with_capacity(n);
+        let mut taken = 0;
+        for (i, share) in self.rings.iter().enumerate() {
+            let size = if i + 1 == self.rings.len() {
+                n - taken
+            } else {
+                let want = match share {
+                    Share::Count(c) => *c as usize,
+                    Share::Percent(p) => (n * *p as usize).div_ceil(100),
+                };
+                want.clamp(1, n - taken)
+            };
+            rings.extend(std::iter::repeat_n(self.ring + i as u32, size));
+            taken += size;
+            if taken == n {
+                break;
+            }
+        }
+        rings.resize(n, self.ring + self.rings.len().saturating_sub(1) as u32);
+        self.hosts
+            .iter()
+            .zip(rings)
+            .map(|(h, ring)| TargetDef {
+                name: format!("{}-{}", self.name, h.short_name()),
+                kind: TargetKind::Host,
+                ring: match h {
+                    GroupHost::Host { ring: Some(r), .. } => *r,
+                    _ => ring,
+                },
+                service_account_name: None,
+                ssh: Some(h.ssh().to_string()),
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]

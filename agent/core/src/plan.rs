@@ -387,9 +387,11 @@ mod tests {
             wave_limit: None,
             policies: Default::default(),
             rollout_from_repository: false,
+            host_groups: Vec::new(),
             targets: targets
                 .iter()
                 .map(|(n, r)| TargetDef {
+                    ssh: None,
                     name: n.to_string(),
                     kind: TargetKind::Host,
                     ring: *r,

@@ -91,6 +91,9 @@ pub struct TargetRecord {
     /// The kind of target, so status can reach it without a commit.
     #[serde(default)]
     pub kind: Option<TargetKind>,
+    /// A remote host's SSH destination, for the same reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
     /// What is live now, as far as sluice applied it.
     pub applied: Option<Deployed>,
     /// The newest commit that was applied completely and passed its gates.

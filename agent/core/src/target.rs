@@ -88,6 +88,14 @@ pub trait Target: Send + Sync {
     /// what the target last heard, else its own default.
     fn act_as(&self, _users: &BTreeMap<ResourceId, String>) {}
 
+    /// Whether the target answers now: checked for every target of a wave
+    /// before anything of the wave is applied (a host that is down fails
+    /// the wave while it has changed nothing). Default: yes (a target that
+    /// is always there, or whose first request tells).
+    async fn reachable(&self) -> Result<(), TargetError> {
+        Ok(())
+    }
+
     /// Repairs the target's own machinery between reconciles (on the
     /// host: a process whose supervisor died is adopted by a new one). The
     /// instances repaired, for the log.

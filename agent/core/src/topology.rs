@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::RenderError;
-use crate::model::{Topology, API_VERSION, TOPOLOGY_FILE};
+use crate::model::{TargetKind, Topology, API_VERSION, TOPOLOGY_FILE};
 use crate::source::{normalise, PathError, Snapshot};
 use crate::yaml::{find_line, parse_typed, utf8};
 
@@ -61,9 +61,118 @@ fn read(snapshot: &Snapshot) -> Result<Topology, RenderError> {
         },
     })?;
     let text = utf8(TOPOLOGY_FILE, bytes)?;
-    let topology: Topology = parse_typed(TOPOLOGY_FILE, text, 0)?;
+    let mut topology: Topology = parse_typed(TOPOLOGY_FILE, text, 0)?;
+    expand_host_groups(&mut topology, text)?;
     validate_topology(snapshot, &topology, text)?;
     Ok(topology)
+}
+
+/// Host groups become one target per host, and a service naming a group
+/// among its `targets` runs on each of them.
+fn expand_host_groups(t: &mut Topology, text: &str) -> Result<(), RenderError> {
+    let err = |field: String, keys: &[&str], reason: String| {
+        RenderError::invalid(TOPOLOGY_FILE, Some(&field), find_line(text, keys), reason)
+    };
+    for (i, target) in t.targets.iter().enumerate() {
+        if let Some(dest) = &target.ssh {
+            let field = format!("targets[{i}].ssh");
+            if target.kind != TargetKind::Host {
+                return Err(err(
+                    field,
+                    &["targets", &target.name, "ssh"],
+                    "only a host target is reached over SSH".into(),
+                ));
+            }
+            if let Err(reason) = check_ssh(dest) {
+                return Err(err(field, &["targets", &target.name, "ssh"], reason));
+            }
+        }
+    }
+    let mut names: BTreeSet<String> = t.targets.iter().map(|x| x.name.clone()).collect();
+    let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (i, g) in t.host_groups.iter().enumerate() {
+        let field = format!("hostGroups[{i}]");
+        if let Err(reason) = check_name(&g.name) {
+            return Err(err(
+                format!("{field}.name"),
+                &["hostGroups", &g.name],
+                reason,
+            ));
+        }
+        if g.hosts.is_empty() {
+            return Err(err(
+                format!("{field}.hosts"),
+                &["hostGroups", &g.name],
+                "a host group needs at least one host".into(),
+            ));
+        }
+        if t.targets.iter().any(|x| x.name == g.name) {
+            return Err(err(
+                format!("{field}.name"),
+                &["hostGroups", &g.name],
+                format!("{:?} names a target already", g.name),
+            ));
+        }
+        for (j, h) in g.hosts.iter().enumerate() {
+            if let Err(reason) = check_ssh(h.ssh()) {
+                return Err(err(
+                    format!("{field}.hosts[{j}]"),
+                    &["hostGroups", &g.name, h.ssh()],
+                    reason,
+                ));
+            }
+        }
+        let targets = g.targets();
+        for (j, x) in targets.iter().enumerate() {
+            if let Err(reason) = check_name(&x.name) {
+                return Err(err(
+                    format!("{field}.hosts[{j}].name"),
+                    &["hostGroups", &g.name, g.hosts[j].ssh()],
+                    reason,
+                ));
+            }
+            if !names.insert(x.name.clone()) {
+                return Err(err(
+                    format!("{field}.hosts[{j}]"),
+                    &["hostGroups", &g.name, g.hosts[j].ssh()],
+                    format!(
+                        "host target {:?} is declared twice (give the host a `name:`)",
+                        x.name
+                    ),
+                ));
+            }
+        }
+        members.insert(
+            g.name.clone(),
+            targets.iter().map(|x| x.name.clone()).collect(),
+        );
+        t.targets.extend(targets);
+    }
+    for s in t.services.values_mut() {
+        s.targets = std::mem::take(&mut s.targets)
+            .into_iter()
+            .flat_map(|name| members.get(&name).cloned().unwrap_or_else(|| vec![name]))
+            .collect();
+    }
+    Ok(())
+}
+
+/// An SSH destination sluice passes to `ssh`: `[user@]host[:port]` or an
+/// alias of the ssh config. Never an option (a leading `-`), no spaces or
+/// control characters.
+fn check_ssh(dest: &str) -> Result<(), String> {
+    if dest.is_empty() {
+        return Err("an SSH destination is needed, e.g. deploy@10.0.0.11".into());
+    }
+    if dest.starts_with('-') {
+        return Err(format!(
+            "{dest:?} is not an SSH destination (it starts with `-`)"
+        ));
+    }
+    if let Some(c) = dest.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{dest:?} is not an SSH destination ({c:?} in it)"));
+    }
+    Ok(())
 }
 
 fn validate_topology(snapshot: &Snapshot, t: &Topology, text: &str) -> Result<(), RenderError> {
@@ -378,6 +487,86 @@ mod tests {
             assert!(
                 e.contains("sluice.yaml") && e.contains(needle),
                 "{bad}: {e}"
+            );
+        }
+    }
+
+    fn load_groups(groups: &str, services: &str) -> Result<Topology, RenderError> {
+        let topo = format!(
+            "apiVersion: sluice.dev/v1\nkind: Topology\nhostGroups:\n{groups}services:\n{services}"
+        );
+        let p = "apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: f\nspec:\n  path: f\n  content: x\n";
+        let revision = Revision {
+            commit: CommitId::parse(&"c".repeat(40)).unwrap(),
+            time: 0,
+            summary: "t".into(),
+        };
+        load(&Snapshot::from_texts(
+            revision,
+            &[("sluice.yaml", &topo), ("api/f.yaml", p)],
+        ))
+    }
+
+    #[test]
+    fn a_host_group_is_one_target_per_host_in_rings_by_share() {
+        let t = load_groups(
+            "  - name: web\n    hosts: [deploy@10.0.0.1, 10.0.0.2, \"web-3:2222\", {ssh: root@web-4.example, name: four}, {ssh: web-5, ring: 0}]\n    rings: [1, 25%, 100%]\n",
+            "  api:\n    path: api\n    targets: [web]\n",
+        )
+        .unwrap();
+        let got: Vec<(&str, u32, Option<&str>)> = t
+            .targets
+            .iter()
+            .map(|x| (x.name.as_str(), x.ring, x.ssh.as_deref()))
+            .collect();
+        // 1 host, then ceil(25% of 5) = 2, then the rest; web-5 in ring 0
+        // by its own word.
+        assert_eq!(
+            got,
+            [
+                ("web-10-0-0-1", 0, Some("deploy@10.0.0.1")),
+                ("web-10-0-0-2", 1, Some("10.0.0.2")),
+                ("web-web-3", 1, Some("web-3:2222")),
+                ("web-four", 2, Some("root@web-4.example")),
+                ("web-web-5", 0, Some("web-5")),
+            ]
+        );
+        assert_eq!(
+            t.services["api"].targets,
+            [
+                "web-10-0-0-1",
+                "web-10-0-0-2",
+                "web-web-3",
+                "web-four",
+                "web-web-5"
+            ]
+        );
+        // No rings: one ring for all.
+        let t = load_groups(
+            "  - name: db\n    hosts: [a, b]\n    ring: 3\n",
+            "  api:\n    path: api\n",
+        )
+        .unwrap();
+        assert!(t.targets.iter().all(|x| x.ring == 3), "{:?}", t.targets);
+    }
+
+    #[test]
+    fn bad_host_groups_and_destinations_name_their_field() {
+        for (groups, needle) in [
+            ("  - name: web\n    hosts: []\n", "hostGroups[0].hosts"),
+            (
+                "  - name: web\n    hosts: [\"-oProxyCommand=x\"]\n",
+                "hostGroups[0].hosts[0]",
+            ),
+            ("  - name: web\n    hosts: [a, a]\n", "declared twice"),
+            ("  - name: Web\n    hosts: [a]\n", "hostGroups[0].name"),
+        ] {
+            let e = load_groups(groups, "  api:\n    path: api\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("sluice.yaml") && e.contains(needle),
+                "{groups}: {e}"
             );
         }
     }

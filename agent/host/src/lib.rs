@@ -6,6 +6,7 @@ pub mod instance;
 mod split;
 pub mod supervise;
 mod target;
+pub mod wire;
 
 pub use split::{counters_of, RouterMetrics};
 pub use target::{HostConfig, HostTarget};
