@@ -114,8 +114,15 @@ impl Fleet {
     }
 
     fn sluice(&self, args: &[&str]) -> Output {
+        self.sluice_env(args, &[])
+    }
+
+    fn sluice_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(SLUICE);
-        cmd.arg(args[0]).args(self.flags()).args(&args[1..]);
+        cmd.arg(args[0])
+            .args(self.flags())
+            .args(&args[1..])
+            .envs(env.iter().copied());
         run_with_timeout(cmd, Duration::from_secs(180))
     }
 
@@ -222,11 +229,30 @@ impl Drop for Agent {
 #[test]
 fn a_five_host_group_in_three_rings_rolls_a_release_ring_by_ring() {
     let fleet = Fleet::new(5, "[1, 2, 100%]", "2s");
-    let started = Instant::now();
-    let out = fleet.sluice(&["apply"]);
-    eprintln!("first apply: {:?}", started.elapsed());
-    eprintln!("{}", out.stderr);
+    // The agent holds a token; nothing it starts may.
+    let out = fleet.sluice_env(&["apply"], &[("SLUICE_GIT_TOKEN", "s3cr3t-token")]);
     assert_eq!(out.code, 0, "{}", out.all());
+    let state = fleet.state().display().to_string();
+    let masters: Vec<u32> = common::procs()
+        .into_iter()
+        .filter(|p| {
+            p.args.first().is_some_and(|a| a == "ssh")
+                && p.args.iter().any(|a| a.starts_with(&state))
+        })
+        .map(|p| p.pid)
+        .collect();
+    assert_eq!(masters.len(), 5, "one ssh master per host");
+    for pid in masters
+        .iter()
+        .copied()
+        .chain((0..5).flat_map(|i| fleet.hosts.service_pids(i).into_iter().map(|(_, p)| p)))
+    {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&env).contains("s3cr3t-token"),
+            "pid {pid} holds the agent's token"
+        );
+    }
     for i in 0..5 {
         assert!(
             fleet.all_on(i, "1.0.0"),
@@ -241,8 +267,18 @@ fn a_five_host_group_in_three_rings_rolls_a_release_ring_by_ring() {
     }
     fleet.one_process_each();
 
-    // The next release, watched from inside every host.
+    // The next release: its plan names each wave's hosts...
     fleet.release("2.0.0", None);
+    let out = fleet.sluice(&["plan"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    for wave in [
+        "ring 0: catalog, orders, web — on vm-h1\n",
+        "ring 1: catalog, orders, web — on vm-h2, vm-h3\n",
+        "ring 2: catalog, orders, web — on vm-h4, vm-h5\n",
+    ] {
+        assert!(out.stdout.contains(wave), "{wave}\n{}", out.all());
+    }
+    // ...and it rolls out so, watched from inside every host.
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let seen = std::thread::scope(|s| {
         let w = watching.clone();
@@ -394,6 +430,16 @@ fn a_host_cut_off_mid_wave_fails_the_gate_and_is_reverted_once_it_is_back() {
     });
     assert!(fleet.all_on(0, "1.0.0"), "{:?}", fleet.versions(0));
     assert!(fleet.all_on(1, "1.0.0"), "{:?}", fleet.versions(1));
+    let out = fleet.sluice(&["status"]);
+    assert!(
+        out.stdout.contains(&format!(
+            "Target vm-h3 (host root@{}, over SSH)\n  PENDING REVERT to {}",
+            fleet.hosts.hosts[2].addr,
+            &good[..10]
+        )),
+        "{}",
+        out.all()
+    );
     let status = agent.status();
     assert!(
         status["targets"]["vm-h3"]["lastError"]

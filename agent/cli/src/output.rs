@@ -381,7 +381,27 @@ pub fn status_text(s: &Status) -> String {
         let _ = writeln!(out, "\nNothing applied yet.");
     }
     for (name, rec) in &s.state.targets {
-        let _ = writeln!(out, "\nTarget {name}");
+        match &rec.ssh {
+            Some(dest) => {
+                let _ = writeln!(out, "\nTarget {name} (host {dest}, over SSH)");
+            }
+            None => {
+                let _ = writeln!(out, "\nTarget {name}");
+            }
+        }
+        // A revert that could not reach this host yet.
+        if let Some(p) = s.state.in_progress.as_ref().filter(|p| {
+            p.kind == sluice_core::store::HistoryKind::Revert
+                && p.attempts > 0
+                && p.targets.contains(name)
+        }) {
+            let _ = writeln!(
+                out,
+                "  PENDING REVERT to {} ({} attempt(s) so far; retried by every reconcile)",
+                p.commit.short(),
+                p.attempts
+            );
+        }
         match &rec.applied {
             Some(a) => {
                 let _ = writeln!(

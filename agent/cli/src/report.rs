@@ -450,7 +450,7 @@ fn waves_table(s: &mut String, plan: &Plan, rollouts: &BTreeMap<String, String>)
     if plan.waves.is_empty() {
         return;
     }
-    s.push_str("| wave | ring | service | rolls out |\n|---|---|---|---|\n");
+    s.push_str("| wave | ring | service | on | rolls out |\n|---|---|---|---|---|\n");
     for w in &plan.waves {
         for svc in &w.services {
             let only_removals = w
@@ -468,17 +468,34 @@ fn waves_table(s: &mut String, plan: &Plan, rollouts: &BTreeMap<String, String>)
                     .cloned()
                     .unwrap_or_else(|| "applied directly".into())
             };
+            let on: BTreeSet<&str> = w
+                .changes
+                .iter()
+                .filter(|c| &c.service == svc)
+                .map(|c| c.id.target.as_str())
+                .collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 w.index + 1,
                 w.ring,
                 code(svc).replace('|', "\\|"),
+                some_of(&on).replace('|', "\\|"),
                 how.replace('|', "\\|")
             );
         }
     }
     s.push('\n');
+}
+
+/// Targets named, the first few of a long list (a fleet's ring).
+fn some_of(targets: &BTreeSet<&str>) -> String {
+    const SHOWN: usize = 4;
+    let mut names: Vec<String> = targets.iter().take(SHOWN).map(|t| code(t)).collect();
+    if targets.len() > SHOWN {
+        names.push(format!("and {} more", targets.len() - SHOWN));
+    }
+    names.join(", ")
 }
 
 #[cfg(test)]

@@ -326,14 +326,16 @@ pub fn to_text(plan: &Plan) -> String {
         } else {
             ""
         };
+        let on: BTreeSet<&str> = w.changes.iter().map(|c| c.id.target.as_str()).collect();
         let _ = writeln!(
             s,
-            "\nWave {} — level {}, ring {}: {}{}",
+            "\nWave {} — level {}, ring {}: {}{} — on {}",
             w.index + 1,
             w.level,
             w.ring,
             w.services.join(", "),
-            kind
+            kind,
+            on.into_iter().collect::<Vec<_>>().join(", ")
         );
         for c in &w.changes {
             let sign = match c.action {
