@@ -61,7 +61,10 @@ fn the_report_shows_live_changes_drift_and_stays_inert_and_small() {
             && md.contains("`sluice plan --base main --head feature`"),
         "no cut note"
     );
-    assert!(md.contains("| 1 | 0 | `catalog` | `local` | rolling, "), "{md}");
+    assert!(
+        md.contains("| 1 | 0 | `catalog` | `local` | rolling, "),
+        "{md}"
+    );
     // web is gone from live (killed by hand): the merge re-creates it, not
     // because of this pull request, and the report says so.
     assert!(

@@ -440,6 +440,19 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     })
 }
 
+/// A POST without a body on 127.0.0.1: the status code.
+pub fn http_post(port: u16, path: &str) -> Result<u16, String> {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?
+        .post(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let (o, e) = (dir.path().join("out"), dir.path().join("err"));

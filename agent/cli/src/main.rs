@@ -390,6 +390,10 @@ enum Command {
         /// The router's admin address on this host.
         #[arg(long)]
         router_admin: Option<SocketAddr>,
+        /// A conversation: a request per line on stdin, an answer per line
+        /// on stdout, until stdin closes.
+        #[arg(long)]
+        serve: bool,
     },
     /// Internal: supervise one process instance (started by the host target).
     #[command(hide = true)]
@@ -486,7 +490,8 @@ fn main() -> ExitCode {
             target,
             dir,
             router_admin,
-        } => plain_runtime(hostexec::main(target, dir, router_admin), 2),
+            serve,
+        } => plain_runtime(hostexec::main(target, dir, router_admin, serve), 2),
         Command::Run {
             common,
             interval,

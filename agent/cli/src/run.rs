@@ -16,7 +16,7 @@ use axum::Router;
 use sluice_core::clock::Backoff;
 use sluice_core::engine::{ApplyOptions, Engine, EngineError, Reconciled};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::webhook::{self, Provider};
 use crate::{output, setup, Common};
@@ -128,6 +128,8 @@ fn write_histogram(
 
 struct Shared {
     engine: Arc<Engine>,
+    /// The remote hosts, for their SSH figures in /metrics.
+    fleet: Arc<sluice_fleet::Fleet>,
     /// The branch webhooks must name to wake the loop (None: the branch
     /// the source follows, the remote's default).
     branch: Option<String>,
@@ -365,7 +367,8 @@ pub async fn agent(
     };
     let github_secret = secret(&hooks.github_secret_file, "SLUICE_GITHUB_WEBHOOK_SECRET")?;
     let gitlab_token = secret(&hooks.gitlab_token_file, "SLUICE_GITLAB_WEBHOOK_TOKEN")?;
-    let engine = Arc::new(setup::engine(&common)?);
+    let (engine, fleet) = setup::engine_and_fleet(&common)?;
+    let engine = Arc::new(engine);
     let store = setup::store(&common)?;
     // One agent per state dir; applies (ours, `sluice apply`, `sluice
     // revert`) take turns on the apply lock.
@@ -378,6 +381,7 @@ pub async fn agent(
     info!(addr = %listener.local_addr()?, source = %engine.source.describe(), "sluice agent starting");
     let shared = Arc::new(Shared {
         engine,
+        fleet,
         branch: common.branch.clone(),
         repo: std::fs::canonicalize(&common.repo)
             .map(|p| p.display().to_string())
@@ -481,6 +485,11 @@ async fn reconcile_loop(
             }
         };
         shared.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+        debug!(
+            ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "reconcile done"
+        );
         shared
             .metrics
             .reconcile_seconds
@@ -763,6 +772,8 @@ async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     use std::fmt::Write as _;
     let m = &s.metrics;
+    // Taken first: the observe this scrape may cause counts in the next.
+    let fleet = s.fleet.traffic();
     let mut out = String::new();
     let counter = |out: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(
@@ -941,6 +952,37 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
                 "sluice_service_synced{{target=\"{target}\",service=\"{service}\"}} {}",
                 u8::from(*synced)
             );
+        }
+        if !fleet.is_empty() {
+            type Figure = fn(&sluice_fleet::HostTraffic) -> u64;
+            let figures: [(&str, &str, Figure); 4] = [
+                (
+                    "sluice_fleet_ssh_commands_total",
+                    "Commands run on each remote host over SSH (one round trip each).",
+                    |t| t.commands,
+                ),
+                (
+                    "sluice_fleet_ssh_sent_bytes_total",
+                    "Bytes sent to each remote host's commands (requests, the installed binary).",
+                    |t| t.sent,
+                ),
+                (
+                    "sluice_fleet_ssh_received_bytes_total",
+                    "Bytes each remote host's commands answered with.",
+                    |t| t.received,
+                ),
+                (
+                    "sluice_fleet_ssh_connects_total",
+                    "SSH connections (masters) opened to each remote host.",
+                    |t| t.connects,
+                ),
+            ];
+            for (name, help, get) in figures {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (target, t) in &fleet {
+                    let _ = writeln!(out, "{name}{{target=\"{target}\"}} {}", get(t));
+                }
+            }
         }
         // Synced: the target runs the newest commit seen on the branch.
         let head = state.source.last_seen.as_ref().map(|r| &r.commit);

@@ -100,6 +100,13 @@ pub fn source(common: &Common, cache_dir: PathBuf) -> Result<GitSource, ConfigEr
 
 /// The engine over git, the host target and the file store.
 pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
+    Ok(engine_and_fleet(common)?.0)
+}
+
+/// The engine, and the remote hosts it reaches (for their figures).
+pub fn engine_and_fleet(
+    common: &Common,
+) -> Result<(Engine, Arc<sluice_fleet::Fleet>), ConfigError> {
     let dir = state_dir(common);
     let store = store(common)?;
     let source = source(common, dir.join("git"))?;
@@ -136,7 +143,7 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
         };
         router_admin.insert(target.to_string(), addr);
     }
-    let fleet = sluice_fleet::Fleet::new(
+    let fleet = Arc::new(sluice_fleet::Fleet::new(
         sluice_fleet::SshOptions {
             config: common.fleet.fleet_ssh_config.clone(),
             identity: common.fleet.fleet_ssh_key.clone(),
@@ -156,10 +163,10 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
             .unwrap_or_else(|| exe.clone()),
         common.fleet.fleet_parallel,
         router_admin.clone(),
-    );
+    ));
     let provider = Provider {
         host: HostProvider {
-            fleet,
+            fleet: fleet.clone(),
             router_admin,
             state_dir: dir.join("host"),
             file_root: common
@@ -176,7 +183,7 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
             built: Mutex::new(BTreeMap::new()),
         },
     };
-    Ok(Engine {
+    let engine = Engine {
         source: Arc::new(source),
         targets: Arc::new(provider),
         store: Arc::new(store),
@@ -196,7 +203,8 @@ pub fn engine(common: &Common) -> Result<Engine, ConfigError> {
             .connect()?
             .map(|f| Arc::new(f) as Arc<dyn sluice_core::target::PullRequests>),
         kustomize: Arc::new(sluice_kube::kustomize::Kubectl),
-    })
+    };
+    Ok((engine, fleet))
 }
 
 /// A local path inside a git work tree becomes (work tree root, folder):
@@ -368,7 +376,7 @@ fn ssh_control_dir(state: &Path) -> PathBuf {
 /// processes it finds, so it must not be built twice per process.
 struct HostProvider {
     /// Remote hosts (a target with `ssh:`).
-    fleet: sluice_fleet::Fleet,
+    fleet: Arc<sluice_fleet::Fleet>,
     /// target → its router's admin address (`--router-admin`).
     router_admin: BTreeMap<String, std::net::SocketAddr>,
     state_dir: PathBuf,

@@ -195,6 +195,21 @@ impl GroupHost {
     }
 }
 
+impl Topology {
+    /// Each host group's targets, by group name.
+    pub fn group_members(&self) -> BTreeMap<String, Vec<String>> {
+        self.host_groups
+            .iter()
+            .map(|g| {
+                (
+                    g.name.clone(),
+                    g.targets().into_iter().map(|t| t.name).collect(),
+                )
+            })
+            .collect()
+    }
+}
+
 impl HostGroup {
     /// The targets the group stands for, rings assigned.
     pub fn targets(&self) -> Vec<TargetDef> {

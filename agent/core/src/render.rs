@@ -164,7 +164,19 @@ pub fn load_flags(
         }
     };
     let text = utf8(FLAGS_FILE, bytes)?;
-    let flags: FlagsFile = parse_typed(FLAGS_FILE, text, 0)?;
+    let mut flags: FlagsFile = parse_typed(FLAGS_FILE, text, 0)?;
+    // A host group stands for each of its hosts; a host named on its own
+    // wins over its group.
+    let groups = topology.group_members();
+    for f in flags.flags.values_mut() {
+        for (group, hosts) in &groups {
+            if let Some(v) = f.targets.remove(group) {
+                for h in hosts {
+                    f.targets.entry(h.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
     if flags.api_version != API_VERSION {
         return Err(RenderError::invalid(
             FLAGS_FILE,
@@ -986,6 +998,21 @@ mod tests {
         );
         let e = err(&[("sluice.yaml", TOPO), ("api/p.yaml", &two)]);
         assert!(e.starts_with("api/p.yaml:1"), "{e}");
+    }
+
+    #[test]
+    fn a_flag_set_for_a_host_group_is_set_on_each_host_but_one_named_alone() {
+        let topo = "apiVersion: sluice.dev/v1\nkind: Topology\nhostGroups:\n  - name: web\n    hosts: [{ssh: a, name: a}, {ssh: b, name: b}]\nservices:\n  api:\n    path: api\n";
+        let flags = "apiVersion: sluice.dev/v1\nkind: Flags\nflags:\n  f:\n    kind: ops\n    state: enabled\n    default: off\n    targets:\n      web: on\n      web-b: off\n";
+        let r = render(&snapshot(&[
+            ("sluice.yaml", topo),
+            ("api/p.yaml", PROC),
+            ("flags.yaml", flags),
+        ]))
+        .unwrap();
+        let f = r.flags.unwrap();
+        assert_eq!(f.flagd("web-a")["flags"]["f"]["defaultVariant"], "on");
+        assert_eq!(f.flagd("web-b")["flags"]["f"]["defaultVariant"], "off");
     }
 
     #[test]

@@ -148,11 +148,17 @@ fn expand_host_groups(t: &mut Topology, text: &str) -> Result<(), RenderError> {
         );
         t.targets.extend(targets);
     }
-    for s in t.services.values_mut() {
-        s.targets = std::mem::take(&mut s.targets)
+    let expand = |names: Vec<String>| -> Vec<String> {
+        names
             .into_iter()
             .flat_map(|name| members.get(&name).cloned().unwrap_or_else(|| vec![name]))
-            .collect();
+            .collect()
+    };
+    for s in t.services.values_mut() {
+        s.targets = expand(std::mem::take(&mut s.targets));
+    }
+    for w in &mut t.windows {
+        w.targets = expand(std::mem::take(&mut w.targets));
     }
     Ok(())
 }

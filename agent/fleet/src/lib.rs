@@ -39,6 +39,7 @@ use sluice_host::wire::{Request, Response, WireResource};
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::{debug, info};
 
+use ssh::Input;
 pub use ssh::{Dest, SshError, SshOptions};
 
 /// The binary installed on hosts: its bytes are read once, when a host
@@ -58,6 +59,8 @@ pub struct Fleet {
     binary_path: PathBuf,
     /// target → its router's admin address on the host (`--router-admin`).
     router_admin: BTreeMap<String, SocketAddr>,
+    /// Every host built so far, for their figures.
+    hosts: std::sync::Mutex<BTreeMap<String, RemoteHost>>,
 }
 
 impl Fleet {
@@ -75,13 +78,24 @@ impl Fleet {
             binary: Arc::new(OnceCell::new()),
             binary_path: binary,
             router_admin,
+            hosts: Default::default(),
         }
+    }
+
+    /// Each host's round trips and bytes so far.
+    pub fn traffic(&self) -> BTreeMap<String, HostTraffic> {
+        self.hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, h)| (name.clone(), h.traffic()))
+            .collect()
     }
 
     /// The remote host target `name` at `dest` (built once per agent: it
     /// holds the host's connection).
     pub fn host(&self, name: &str, dest: &str) -> RemoteHost {
-        RemoteHost {
+        let host = RemoteHost {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 conn: ssh::Connection::new(Dest::parse(dest), self.opts.clone()),
@@ -91,8 +105,14 @@ impl Fleet {
                 binary_path: self.binary_path.clone(),
                 installed: OnceCell::new(),
                 router_admin: self.router_admin.get(name).copied(),
+                channel: tokio::sync::Mutex::new(None),
             }),
-        }
+        };
+        self.hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), host.clone());
+        host
     }
 }
 
@@ -113,6 +133,49 @@ struct Inner {
     /// checked (per connection of this agent).
     installed: OnceCell<Installed>,
     router_admin: Option<SocketAddr>,
+    /// The conversation with the host's `sluice host-exec --serve`, opened
+    /// on first use and again after it ended.
+    channel: tokio::sync::Mutex<Option<Arc<Channel>>>,
+}
+
+/// One conversation with a host's host-target server: requests go out as
+/// lines, answers come back as lines matched by id, so requests overlap
+/// and each is one network round trip (no shell, no process per request).
+struct Channel {
+    stdin: tokio::sync::Mutex<openssh::ChildStdin>,
+    /// Requests sent, awaiting their answer.
+    pending: std::sync::Mutex<BTreeMap<u64, tokio::sync::oneshot::Sender<Response>>>,
+    next: std::sync::atomic::AtomicU64,
+    /// False once the conversation ended (the host, the connection or the
+    /// server went): every request after that opens a new one.
+    alive: std::sync::atomic::AtomicBool,
+    /// Why it ended, for the requests that were waiting.
+    ended: std::sync::Mutex<Option<String>>,
+    /// Kept so the remote process lives as long as the channel.
+    _child: tokio::sync::Mutex<openssh::Child<Arc<openssh::Session>>>,
+}
+
+impl Channel {
+    fn end(&self, why: String) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        // Dropping the senders wakes every waiting request.
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn why(&self) -> String {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "the connection ended".into())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -178,7 +241,7 @@ impl Inner {
                     r#"{HOME_SH}; F="$H/bin/{dir}/sluice"; printf '%s\n%s\n' "$H" "$(uname -sm)"; if [ -x "$F" ] && [ "$(sha256sum "$F" | cut -d' ' -f1)" = "{sha}" ]; then echo have; else echo need; fi"#,
                     sha = bin.sha256
                 );
-                let out = self.sh("checking sluice on the host", &probe, b"", self.opts.read_timeout).await?;
+                let out = self.sh("checking sluice on the host", &probe, Input::Bytes(b""), self.opts.read_timeout).await?;
                 let text = String::from_utf8_lossy(&out);
                 let mut lines = text.lines();
                 let (Some(home), Some(platform), Some(have)) = (lines.next(), lines.next(), lines.next()) else {
@@ -195,16 +258,13 @@ impl Inner {
                 }
                 let exe = format!("{home}/bin/{dir}/sluice");
                 if have.trim() != "have" {
-                    let bytes = tokio::fs::read(&bin.path).await.map_err(|e| {
-                        self.unavailable(format!("reading {}: {e}", bin.path.display()))
-                    })?;
                     let install = format!(
                         r#"set -e; umask 022; {HOME_SH}; D="$H/bin/{dir}"; mkdir -p "$D"; T="$D/.sluice.$$"; trap 'rm -f "$T"' EXIT; cat > "$T"; S="$(sha256sum "$T" | cut -d' ' -f1)"; if [ "$S" != "{sha}" ]; then echo "copied binary has sha256 $S, expected {sha}" >&2; exit 3; fi; chmod 755 "$T"; mv -f "$T" "$D/sluice"; trap - EXIT; echo ok"#,
                         sha = bin.sha256
                     );
-                    self.sh("installing sluice", &install, &bytes, self.opts.write_timeout)
+                    self.sh("installing sluice", &install, Input::File(&bin.path), self.opts.write_timeout)
                         .await?;
-                    info!(target = %self.name, host = %self.conn.dest(), exe = %exe, bytes = bytes.len(), sha256 = %bin.sha256, "sluice installed on the host");
+                    info!(target = %self.name, host = %self.conn.dest(), exe = %exe, sha256 = %bin.sha256, "sluice installed on the host");
                 }
                 Ok(Installed {
                     exe,
@@ -219,7 +279,7 @@ impl Inner {
         &self,
         what: &str,
         script: &str,
-        input: &[u8],
+        input: Input<'_>,
         limit: Duration,
     ) -> Result<Vec<u8>, TargetError> {
         let _slot = self
@@ -242,18 +302,17 @@ impl Inner {
         Ok(out.stdout)
     }
 
-    /// One host-target operation on the host.
-    async fn call(&self, req: Request) -> Result<Response, TargetError> {
+    /// The open conversation with the host, or a new one.
+    async fn channel(&self) -> Result<Arc<Channel>, TargetError> {
+        let mut held = self.channel.lock().await;
+        if let Some(c) = held.as_ref().filter(|c| c.alive.load(Ordering::SeqCst)) {
+            return Ok(c.clone());
+        }
+        *held = None;
         let installed = self.installed().await?.clone();
-        let what = op_name(&req);
-        let limit = if req.writes() {
-            self.opts.write_timeout
-        } else {
-            self.opts.read_timeout
-        };
-        let body = serde_json::to_vec(&req).map_err(|e| self.unavailable(e))?;
         let mut args = vec![
             "host-exec",
+            "--serve",
             "--target",
             &self.name,
             "--dir",
@@ -263,33 +322,143 @@ impl Inner {
         if let Some(a) = &admin {
             args.extend(["--router-admin", a]);
         }
+        let mut child = self
+            .conn
+            .open("starting sluice host-exec", &installed.exe, &args)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) = (
+            child.stdin().take(),
+            child.stdout().take(),
+            child.stderr().take(),
+        ) else {
+            return Err(self.unavailable("sluice host-exec started without its pipes"));
+        };
+        let channel = Arc::new(Channel {
+            stdin: tokio::sync::Mutex::new(stdin),
+            pending: Default::default(),
+            next: Default::default(),
+            alive: true.into(),
+            ended: Default::default(),
+            _child: tokio::sync::Mutex::new(child),
+        });
+        // Answers, to whoever waits for them.
+        let reading = Arc::downgrade(&channel);
+        let received = self.conn.traffic_handle();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut lines = tokio::io::BufReader::new(stdout);
+            let why = loop {
+                let mut line = Vec::new();
+                match lines.read_until(b'\n', &mut line).await {
+                    Ok(0) => break "the host closed the conversation".to_string(),
+                    Err(e) => break format!("reading from the host: {e}"),
+                    Ok(n) => {
+                        received.received.fetch_add(n as u64, Ordering::Relaxed);
+                        let Some(channel) = reading.upgrade() else {
+                            return;
+                        };
+                        match serde_json::from_slice::<sluice_host::wire::Reply>(&line) {
+                            Ok(reply) => {
+                                let waiting = channel
+                                    .pending
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&reply.id);
+                                if let Some(tx) = waiting {
+                                    let _ = tx.send(reply.response);
+                                }
+                            }
+                            Err(e) => break format!("an unreadable answer from the host: {e}"),
+                        }
+                    }
+                }
+            };
+            if let Some(channel) = reading.upgrade() {
+                channel.end(why);
+            }
+        });
+        // The server's log: kept at debug, its last lines in errors.
+        let name = self.name.clone();
+        let log_to = Arc::downgrade(&channel);
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut last = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                debug!(target = %name, log = %line, "host log");
+                last.push(line);
+                if last.len() > 3 {
+                    last.remove(0);
+                }
+            }
+            if let Some(channel) = log_to.upgrade() {
+                if !last.is_empty() {
+                    channel.end(format!("sluice host-exec ended: {}", last.join("; ")));
+                }
+            }
+        });
+        *held = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// One host-target operation on the host: one round trip on the
+    /// conversation.
+    async fn call(&self, req: Request) -> Result<Response, TargetError> {
+        let what = op_name(&req);
+        let limit = if req.writes() {
+            self.opts.write_timeout
+        } else {
+            self.opts.read_timeout
+        };
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|e| self.unavailable(e))?;
-        let out = self
-            .conn
-            .run(what, &installed.exe, &args, &body, limit)
-            .await
+        let channel = self.channel().await?;
+        let id = channel.next.fetch_add(1, Ordering::Relaxed);
+        let mut line = serde_json::to_vec(&sluice_host::wire::Envelope { id, request: req })
             .map_err(|e| self.unavailable(e))?;
-        if !out.stderr.is_empty() {
-            debug!(target = %self.name, op = what, log = %String::from_utf8_lossy(&out.stderr), "host log");
-        }
-        if out.status != Some(0) {
-            return Err(self.unavailable(format!(
-                "sluice host-exec {what}: exit {}: {}",
-                out.status.map_or("by signal".into(), |c| c.to_string()),
-                tail(&out.stderr)
-            )));
-        }
-        match serde_json::from_slice::<Response>(&out.stdout) {
-            Ok(Response::Error { error }) => Err(error.into()),
-            Ok(r) => Ok(r),
-            Err(e) => Err(self.unavailable(format!(
-                "sluice host-exec {what}: unreadable answer ({e}): {}",
-                tail(&out.stderr)
-            ))),
+        line.push(b'\n');
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        channel
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let sent = async {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stdin = channel.stdin.lock().await;
+            stdin.write_all(&line).await?;
+            stdin.flush().await
+        };
+        let started = std::time::Instant::now();
+        let answered = tokio::time::timeout(limit, async {
+            sent.await.map_err(|e| format!("sending {what}: {e}"))?;
+            rx.await.map_err(|_| channel.why())
+        })
+        .await;
+        let t = &self.conn.traffic;
+        t.commands.fetch_add(1, Ordering::Relaxed);
+        t.sent.fetch_add(line.len() as u64, Ordering::Relaxed);
+        match answered {
+            Ok(Ok(Response::Error { error })) => Err(error.into()),
+            Ok(Ok(r)) => {
+                debug!(target = %self.name, op = what, ms = started.elapsed().as_millis() as u64, "host answered");
+                Ok(r)
+            }
+            Ok(Err(why)) => {
+                channel.end(why.clone());
+                Err(self.unavailable(format!("{what}: {why}")))
+            }
+            Err(_) => {
+                // A host that does not answer in time is taken as gone: the
+                // next request starts over.
+                channel.end(format!("no answer to {what} within {}s", limit.as_secs()));
+                self.conn.forget().await;
+                Err(self.unavailable(format!("{what}: no answer within {}s", limit.as_secs())))
+            }
         }
     }
 

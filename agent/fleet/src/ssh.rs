@@ -167,7 +167,15 @@ pub struct Connection {
     /// finds a master that is still up.
     ctl: PathBuf,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
-    pub traffic: Traffic,
+    pub traffic: Arc<Traffic>,
+}
+
+/// What a command reads on its stdin.
+pub enum Input<'a> {
+    Bytes(&'a [u8]),
+    /// A file, streamed (the binary installed on hosts: never held in
+    /// memory, once per host).
+    File(&'a Path),
 }
 
 /// What a command gave back.
@@ -186,12 +194,17 @@ impl Connection {
             opts,
             ctl,
             session: tokio::sync::Mutex::new(None),
-            traffic: Traffic::default(),
+            traffic: Arc::default(),
         }
     }
 
     pub fn dest(&self) -> &Dest {
         &self.dest
+    }
+
+    /// The counters, for a task that outlives a borrow of the connection.
+    pub fn traffic_handle(&self) -> Arc<Traffic> {
+        self.traffic.clone()
     }
 
     fn connect_error(&self, reason: impl Into<String>) -> SshError {
@@ -348,7 +361,7 @@ impl Connection {
         what: &str,
         program: &str,
         args: &[&str],
-        input: &[u8],
+        input: Input<'_>,
         limit: Duration,
     ) -> Result<Output, SshError> {
         let attempt = async {
@@ -373,20 +386,30 @@ impl Connection {
                 .ok_or_else(|| fail("no stdin".into()))?;
             // Written while the output is read: neither side's pipe fills.
             let writing = async move {
-                stdin.write_all(input).await?;
-                stdin.shutdown().await
+                let n = match input {
+                    Input::Bytes(b) => {
+                        stdin.write_all(b).await?;
+                        b.len() as u64
+                    }
+                    Input::File(p) => {
+                        let mut f = tokio::fs::File::open(p).await?;
+                        tokio::io::copy(&mut f, &mut stdin).await?
+                    }
+                };
+                stdin.shutdown().await?;
+                Ok::<u64, std::io::Error>(n)
             };
             let (written, output) = tokio::join!(writing, child.wait_with_output());
             let output = output.map_err(|e| fail(e.to_string()))?;
-            if let Err(e) = written {
-                if output.status.success() {
-                    return Err(fail(format!("sending the input: {e}")));
+            let sent = match written {
+                Ok(n) => n,
+                Err(e) if output.status.success() => {
+                    return Err(fail(format!("sending the input: {e}")))
                 }
-            }
+                Err(_) => 0,
+            };
             self.traffic.commands.fetch_add(1, Ordering::Relaxed);
-            self.traffic
-                .sent
-                .fetch_add(input.len() as u64, Ordering::Relaxed);
+            self.traffic.sent.fetch_add(sent, Ordering::Relaxed);
             self.traffic.received.fetch_add(
                 (output.stdout.len() + output.stderr.len()) as u64,
                 Ordering::Relaxed,
@@ -397,8 +420,55 @@ impl Connection {
                 stderr: output.stderr,
             })
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(limit, attempt).await {
-            Ok(Ok(out)) => Ok(out),
+            Ok(Ok(out)) => {
+                tracing::debug!(dest = %self.dest, what, ms = started.elapsed().as_millis() as u64, received = out.stdout.len(), "ssh command");
+                Ok(out)
+            }
+            Ok(Err(e)) => {
+                self.forget().await;
+                Err(e)
+            }
+            Err(_) => {
+                self.forget().await;
+                Err(SshError::Timeout {
+                    dest: self.dest.to_string(),
+                    what: what.to_string(),
+                    after: limit,
+                })
+            }
+        }
+    }
+
+    /// Starts `program args…` on the host with its stdin, stdout and
+    /// stderr piped, for a conversation (the host-target server): the
+    /// caller reads and writes; dropping the child ends it.
+    pub async fn open(
+        &self,
+        what: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<openssh::Child<Arc<Session>>, SshError> {
+        let limit = self.opts.connect_timeout + self.opts.read_timeout;
+        let attempt = async {
+            let session = self.session().await?;
+            session
+                .arc_command(program)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map_err(|e| SshError::Command {
+                    dest: self.dest.to_string(),
+                    what: what.to_string(),
+                    reason: e.to_string(),
+                })
+        };
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok(child)) => Ok(child),
             Ok(Err(e)) => {
                 self.forget().await;
                 Err(e)
@@ -416,7 +486,7 @@ impl Connection {
 
     /// Drops the session in hand (its master may be dead); the next command
     /// checks and reconnects.
-    async fn forget(&self) {
+    pub async fn forget(&self) {
         *self.session.lock().await = None;
     }
 }

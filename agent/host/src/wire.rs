@@ -208,6 +208,22 @@ pub enum Response {
     },
 }
 
+/// A request on a conversation (`sluice host-exec --serve`): one JSON line
+/// each way, matched by `id`, so requests can overlap (a status read while
+/// an apply waits for readiness).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// The answer to the request `id`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub response: Response,
+}
+
 /// Runs one request on the host target `t` (the remote end of the wire).
 pub async fn serve(t: &HostTarget, req: Request) -> Response {
     let result: Result<Response, TargetError> =
