@@ -108,6 +108,10 @@ impl Fleet {
             "1s".into(),
             "--fleet-connect-timeout".into(),
             "3s".into(),
+            // Fewer slots than hosts: the limit is in the way of every
+            // test, as it is of a large fleet.
+            "--fleet-parallel".into(),
+            "2".into(),
         ];
         f.extend(self.hosts.flags());
         f

@@ -322,11 +322,17 @@ impl Inner {
         if let Some(a) = &admin {
             args.extend(["--router-admin", a]);
         }
+        let opening = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let mut child = self
             .conn
             .open("starting sluice host-exec", &installed.exe, &args)
             .await
             .map_err(|e| self.unavailable(e))?;
+        drop(opening);
         let (Some(stdin), Some(stdout), Some(stderr)) = (
             child.stdin().take(),
             child.stdout().take(),
@@ -411,12 +417,15 @@ impl Inner {
         } else {
             self.opts.read_timeout
         };
+        // The conversation first: opening it (and installing the binary)
+        // takes slots of its own; holding one meanwhile would deadlock a
+        // fleet larger than the limit.
+        let channel = self.channel().await?;
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|e| self.unavailable(e))?;
-        let channel = self.channel().await?;
         let id = channel.next.fetch_add(1, Ordering::Relaxed);
         let mut line = serde_json::to_vec(&sluice_host::wire::Envelope { id, request: req })
             .map_err(|e| self.unavailable(e))?;
