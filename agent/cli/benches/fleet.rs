@@ -176,30 +176,23 @@ fn main() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
-    let wait_idle = |head: &str, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let status: serde_json::Value = http_get(port, "/status")
-                .ok()
-                .and_then(|(_, b)| serde_json::from_str(&b).ok())
-                .unwrap_or_default();
-            let done = status["inProgress"].is_null()
-                && status["targets"].as_object().is_some_and(|t| {
-                    t.len() == HOSTS && t.values().all(|r| r["applied"]["commit"] == head)
-                });
-            if done {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: never\n{status}\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    // Waits for the `n`th reconcile (from the log) and then checks, with
+    // one GET /status, that every host runs `head`: polling /status would
+    // observe every host each time and count in the figures.
+    let wait_idle = |n: usize, head: &str, what: &str| {
+        wait_reconciles(n, what);
+        let status: serde_json::Value = http_get(port, "/status")
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        let done = status["inProgress"].is_null()
+            && status["targets"].as_object().is_some_and(|t| {
+                t.len() == HOSTS && t.values().all(|r| r["applied"]["commit"] == head)
+            });
+        assert!(done, "{what}: not on {head}\n{status}\n{}", log());
     };
     let started = Instant::now();
-    wait_idle(&git(&repo, &["rev-parse", "HEAD"]), "the first release");
+    wait_idle(1, &git(&repo, &["rev-parse", "HEAD"]), "the first release");
     let first = started.elapsed();
     let m0 = metrics(port);
     println!("fleet: {HOSTS} hosts (network namespaces, each its own sshd), rings [1, 25%, 100%] = 1 + 5 + 14 hosts, 3 services (catalog ← orders ← web) = 9 waves");
@@ -230,10 +223,16 @@ fn main() {
     let _ = metrics(port);
     let before = metrics(port);
     let started = Instant::now();
+    let done = reconciles();
     let _ = common::http_post(port, "/reconcile");
-    wait_idle(&git(&repo, &["rev-parse", "HEAD"]), "the second release");
+    wait_reconciles(done + 1, "the second release");
     let took = started.elapsed();
     let after = metrics(port);
+    wait_idle(
+        done + 1,
+        &git(&repo, &["rev-parse", "HEAD"]),
+        "the second release",
+    );
     println!(
         "\nrelease 2.0.0 to {HOSTS} hosts: {:.1} s",
         took.as_secs_f64()
@@ -320,8 +319,14 @@ fn main() {
             .args(["--state-dir", state.to_str().unwrap()])
             .args(hosts.flags())
             .args(["--fleet-sluice", host_binary.to_str().unwrap()])
+            .env("SLUICE_LOG", "info,sluice=debug,sluice_fleet=debug")
             .output()
             .unwrap();
+        // Where the time went, for whoever reads the figures.
+        let _ = std::fs::write(
+            std::env::temp_dir().join("sluice-fleet-bench-drift.log"),
+            &out.stderr,
+        );
         assert!(
             out.status.success(),
             "{}",

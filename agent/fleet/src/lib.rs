@@ -252,7 +252,7 @@ impl Inner {
                     return Err(TargetError::Invalid {
                         id: self.name.clone(),
                         reason: format!(
-                            "the host is {platform}, this agent's sluice binary is for {ours}: pass --ssh-sluice with a binary built for the host"
+                            "the host is {platform}, this agent's sluice binary is for {ours}: pass --fleet-sluice with a binary built for the host"
                         ),
                     });
                 }
