@@ -311,6 +311,11 @@ impl Transport {
             "gc.auto=0".into(),
             "maintenance.auto=false".into(),
             "fetch.writeCommitGraph=false".into(),
+            // Blobs over 1 MiB are streamed to disk, not inflated in
+            // memory, by index-pack and repack: a 300 MB file pushed by
+            // mistake costs 5 MB of memory, not 300 (it is then refused
+            // from its size in the object header, never read).
+            "core.bigFileThreshold=1m".into(),
             "core.askPass=".into(),
             // Only a helper of ours: none from any configuration.
             "credential.helper=".into(),
