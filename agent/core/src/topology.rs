@@ -457,7 +457,11 @@ mod tests {
     use crate::source::{CommitId, Revision};
 
     fn load_with(policies: &str) -> Result<Topology, RenderError> {
-        let topo = format!("apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: vm\n    type: host\nservices:\n  api:\n    path: api\n{policies}");
+        load_text(&format!("apiVersion: sluice.dev/v1\nkind: Topology\ntargets:\n  - name: vm\n    type: host\nservices:\n  api:\n    path: api\n{policies}"))
+    }
+
+    /// The topology `topo` over one service folder `api` with one File.
+    fn load_text(topo: &str) -> Result<Topology, RenderError> {
         let p = "apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: f\nspec:\n  path: f\n  content: x\n";
         let revision = Revision {
             commit: CommitId::parse(&"c".repeat(40)).unwrap(),
@@ -466,7 +470,7 @@ mod tests {
         };
         load(&Snapshot::from_texts(
             revision,
-            &[("sluice.yaml", &topo), ("api/f.yaml", p)],
+            &[("sluice.yaml", topo), ("api/f.yaml", p)],
         ))
     }
 
@@ -498,18 +502,8 @@ mod tests {
     }
 
     fn load_groups(groups: &str, services: &str) -> Result<Topology, RenderError> {
-        let topo = format!(
+        load_text(&format!(
             "apiVersion: sluice.dev/v1\nkind: Topology\nhostGroups:\n{groups}services:\n{services}"
-        );
-        let p = "apiVersion: sluice.dev/v1\nkind: File\nmetadata:\n  name: f\nspec:\n  path: f\n  content: x\n";
-        let revision = Revision {
-            commit: CommitId::parse(&"c".repeat(40)).unwrap(),
-            time: 0,
-            summary: "t".into(),
-        };
-        load(&Snapshot::from_texts(
-            revision,
-            &[("sluice.yaml", &topo), ("api/f.yaml", p)],
         ))
     }
 

@@ -421,11 +421,21 @@ impl Connection {
             })
         };
         let started = std::time::Instant::now();
+        let out = self.bounded(what, limit, attempt).await?;
+        tracing::debug!(dest = %self.dest, what, ms = started.elapsed().as_millis() as u64, received = out.stdout.len(), "ssh command");
+        Ok(out)
+    }
+
+    /// Runs `attempt` within `limit`; on a failure or a timeout the
+    /// connection is forgotten, so the next call opens a new one.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        attempt: impl std::future::Future<Output = Result<T, SshError>>,
+    ) -> Result<T, SshError> {
         match tokio::time::timeout(limit, attempt).await {
-            Ok(Ok(out)) => {
-                tracing::debug!(dest = %self.dest, what, ms = started.elapsed().as_millis() as u64, received = out.stdout.len(), "ssh command");
-                Ok(out)
-            }
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.forget().await;
                 Err(e)
@@ -467,21 +477,7 @@ impl Connection {
                     reason: e.to_string(),
                 })
         };
-        match tokio::time::timeout(limit, attempt).await {
-            Ok(Ok(child)) => Ok(child),
-            Ok(Err(e)) => {
-                self.forget().await;
-                Err(e)
-            }
-            Err(_) => {
-                self.forget().await;
-                Err(SshError::Timeout {
-                    dest: self.dest.to_string(),
-                    what: what.to_string(),
-                    after: limit,
-                })
-            }
-        }
+        self.bounded(what, limit, attempt).await
     }
 
     /// Drops the session in hand (its master may be dead); the next command
